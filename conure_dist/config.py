@@ -1,0 +1,146 @@
+"""Typed, validated configuration: the model, the tasks and how each task is trained.
+
+Precedence everywhere: command line > config file > the defaults below. Defaults follow the
+paper's TTL setting (SIGIR 2021, section 5.1) where the paper gives one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+TASK_KINDS = ("sequence", "item", "class")
+BACKBONES = ("nextitnet", "transformer")
+SAMPLERS = ("uniform", "log_uniform")
+OPTIMIZERS = ("adam", "adamw")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the option."""
+
+
+def _require(cond: bool, option: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{option}: {message}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The backbone shared by every task.
+
+    ``num_items`` is the largest item id; the embedding has ``num_items + 1`` rows because
+    id 0 is padding.
+    """
+
+    num_items: int
+    embed_dim: int = 256
+    backbone: str = "nextitnet"
+    kernel_size: int = 3
+    dilations: tuple[int, ...] = (1, 2, 4, 8) * 4  # TTL: 16 conv layers, 8 residual blocks
+    transformer_blocks: int = 2  # paper section 5.6: one head, two pre-LN blocks
+    max_seq_len: int = 100  # learned positions of the Transformer backbone
+    prune_embedding: bool = False  # paper Table 5
+
+    def __post_init__(self) -> None:
+        _require(self.num_items >= 1, "model.num_items", f"must be >= 1, got {self.num_items}")
+        _require(self.embed_dim >= 1, "model.embed_dim", f"must be >= 1, got {self.embed_dim}")
+        _require(self.backbone in BACKBONES, "model.backbone", f"one of {BACKBONES}, got {self.backbone!r}")
+        _require(self.kernel_size >= 1, "model.kernel_size", f"must be >= 1, got {self.kernel_size}")
+        _require(
+            len(self.dilations) >= 2 and len(self.dilations) % 2 == 0 and min(self.dilations) >= 1,
+            "model.dilations",
+            f"an even, non-empty list of positive dilations (two conv layers per block), got {self.dilations}",
+        )
+        _require(self.transformer_blocks >= 1, "model.transformer_blocks", "must be >= 1")
+        _require(self.max_seq_len >= 2, "model.max_seq_len", "must be >= 2")
+        object.__setattr__(self, "dilations", tuple(int(d) for d in self.dilations))
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of the continual sequence.
+
+    kind ``sequence`` is T1 (next-item prediction over the item vocabulary); ``item`` ranks a
+    label space of items (BPR); ``class`` predicts one of ``num_labels`` classes (softmax).
+    """
+
+    name: str
+    kind: str
+    num_labels: int = 0  # label space size for item/class tasks; unused for sequence
+    prune_ratio: float = 0.7  # share of the *free* backbone capacity released after this task
+    embedding_prune_ratio: float | None = None  # only with ModelConfig.prune_embedding
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and self.name.isidentifier(), "task.name",
+                 f"a non-empty identifier (letters, digits, _), got {self.name!r}")
+        _require(self.kind in TASK_KINDS, f"task {self.name}.kind", f"one of {TASK_KINDS}, got {self.kind!r}")
+        if self.kind != "sequence":
+            _require(self.num_labels >= 2, f"task {self.name}.num_labels",
+                     f"an {self.kind} task needs >= 2 labels, got {self.num_labels}")
+        _require(0.0 < self.prune_ratio < 1.0, f"task {self.name}.prune_ratio",
+                 f"must lie strictly between 0 and 1, got {self.prune_ratio}")
+        if self.embedding_prune_ratio is not None:
+            _require(0.0 < self.embedding_prune_ratio < 1.0, f"task {self.name}.embedding_prune_ratio",
+                     f"must lie strictly between 0 and 1, got {self.embedding_prune_ratio}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How one task is trained (both its train and its retrain stage)."""
+
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0  # optimizer weight decay; cannot move frozen entries
+    l2: float = 0.02  # paper's regularisation: l2 * 0.5 * sum(w^2) over trainable entries only
+    batch_size: int = 32
+    epochs: int = 10  # train stage
+    retrain_epochs: int = 5
+    patience: int = 3  # epochs without validation gain before stopping early
+    sample_ratio: float = 0.2  # sequence task: share of the vocabulary drawn as negatives
+    sampler: str = "uniform"  # sequence task negatives: uniform | log_uniform (by popularity rank)
+    bpr_rho: float = 0.3  # item task: LambdaFM static sampler coefficient
+    metric_k: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _require(self.optimizer in OPTIMIZERS, "train.optimizer", f"one of {OPTIMIZERS}, got {self.optimizer!r}")
+        _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _require(self.l2 >= 0, "train.l2", "must be >= 0")
+        _require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _require(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _require(self.retrain_epochs >= 0, "train.retrain_epochs", "must be >= 0")
+        _require(self.patience >= 1, "train.patience", "must be >= 1")
+        _require(0.0 < self.sample_ratio <= 1.0, "train.sample_ratio", f"must lie in (0, 1], got {self.sample_ratio}")
+        _require(self.sampler in SAMPLERS, "train.sampler", f"one of {SAMPLERS}, got {self.sampler!r}")
+        _require(self.bpr_rho > 0, "train.bpr_rho", "must be > 0")
+        _require(self.metric_k >= 1, "train.metric_k", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    """A task together with how it is trained."""
+
+    spec: TaskSpec
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def to_dict(obj: Any) -> Any:
+    """JSON-ready form of a config dataclass (tuples become lists)."""
+    return dataclasses.asdict(obj)
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build a config dataclass from its :func:`to_dict` form, refusing unknown keys."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown option(s) {unknown}")
+    kwargs = dict(data)
+    if cls is ModelConfig and "dilations" in kwargs:
+        kwargs["dilations"] = tuple(kwargs["dilations"])
+    if cls is TaskPlan:
+        kwargs["spec"] = from_dict(TaskSpec, kwargs["spec"])
+        kwargs["train"] = from_dict(TrainConfig, kwargs.get("train", {}))
+    return cls(**kwargs)

@@ -1,0 +1,1 @@
+"""Metrics, full-ranking evaluation and the accuracy matrix."""

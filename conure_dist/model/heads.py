@@ -1,0 +1,50 @@
+"""Task heads. Each belongs to one task, is trained in that task's stages, frozen afterwards."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ItemScorer(nn.Module):
+    """Scores items of a label space: ``score(h, y) = h . W[y] + b[y]``.
+
+    Used for T1 (the output embedding over the whole item vocabulary, row 0 = padding, never a
+    target) and for item tasks (a dense layer over the task's label space). Scoring a subset of
+    rows keeps sampled softmax and BPR proportional to the sample, not the vocabulary.
+    """
+
+    def __init__(self, dim: int, num_labels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_labels, dim) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(num_labels))
+
+    @property
+    def num_labels(self) -> int:
+        return self.weight.shape[0]
+
+    def score(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``h`` [N, d], ``labels`` [N] or [N, k] -> scores of the same shape as ``labels``."""
+        w, b = self.weight[labels], self.bias[labels]
+        if labels.dim() == 1:
+            return (h * w).sum(-1) + b
+        return torch.einsum("nd,nkd->nk", h, w) + b
+
+    def score_shared(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Scores of every row of ``h`` [N, d] against the same labels [S] -> [N, S]."""
+        return h @ self.weight[labels].T + self.bias[labels]
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Scores over the whole label space: [N, d] -> [N, num_labels]."""
+        return h @ self.weight.T + self.bias
+
+
+class ClassHead(nn.Module):
+    """Dense layer over the classes of a profile task (softmax cross-entropy)."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, num_classes)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.linear(h)

@@ -1,0 +1,144 @@
+"""The stage loop: train or retrain one task, keep the best-on-validation weights.
+
+Engine-agnostic and free of Ray: the in-process runner calls it with a plain torch optimizer,
+and each Ray Train worker calls the same function with a DeepSpeed engine behind
+:class:`Stepper`. After every optimizer step the :class:`~conure_dist.model.FrozenGuard`
+verifies that no frozen entry moved (and restores and counts any that did).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+import torch
+
+from conure_dist.config import TrainConfig
+from conure_dist.model import ConureModel, FrozenGuard, Weights
+from conure_dist.train.losses import TaskLoss, l2_penalty
+
+Batch = Mapping[str, torch.Tensor]
+
+
+class Stepper(Protocol):
+    """Backward pass and optimizer step for one loss (a torch optimizer or a DeepSpeed engine)."""
+
+    def step(self, loss: torch.Tensor) -> None: ...
+
+
+class TorchStepper:
+    """A fresh torch Adam/AdamW over the parameters the current view trains."""
+
+    def __init__(self, params: list[torch.nn.Parameter], cfg: TrainConfig):
+        if not params:
+            raise ValueError("nothing to train: the current view has no trainable parameter")
+        opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = opt(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+@dataclass
+class StageProgress:
+    """Everything a checkpoint must carry to resume a stage where it stopped."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
+    best_metric: float | None = None
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    restored_entries: int = 0  # frozen entries the guard had to restore (0 when all is well)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "StageProgress":
+        return cls(**data)
+
+    def finished(self, epochs: int) -> bool:
+        return self.stopped_early or self.epoch >= epochs
+
+
+StepHook = Callable[[StageProgress, float], None]
+EpochHook = Callable[[StageProgress, Weights, bool], None]
+
+
+def run_stage(
+    *,
+    model: ConureModel,
+    stepper: Stepper,
+    loss_fn: TaskLoss,
+    train_batches: Callable[[int], Iterable[Batch]],
+    validate: Callable[[], Mapping[str, float]] | None,
+    metric: str,
+    epochs: int,
+    patience: int,
+    l2: float = 0.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: StageProgress | None = None,
+    best: Weights | None = None,
+    snapshot: Callable[[], Weights] | None = None,
+    on_step: StepHook | None = None,
+    on_epoch_end: EpochHook | None = None,
+) -> tuple[StageProgress, Weights]:
+    """Run the epochs of one stage that ``progress`` has not completed yet.
+
+    ``train_batches(epoch)`` yields the epoch's batches. After each epoch ``validate()`` gives
+    the metrics; the weights of the best epoch by ``metric`` are kept (``snapshot()``, by
+    default the model's effective fp32 weights) and returned. Training stops early after
+    ``patience`` epochs without improvement. ``on_epoch_end`` is where callers checkpoint.
+    """
+    progress = progress if progress is not None else StageProgress()
+    snapshot = snapshot or model.weights
+    guard = FrozenGuard(model)
+    best_weights = best
+    generator = torch.Generator()
+    model.train()
+    for epoch in range(progress.epoch, epochs):
+        if progress.stopped_early:
+            break
+        generator.manual_seed(seed * 1_000_003 + epoch)  # the same draws when an epoch is rerun
+        started, losses, examples = time.perf_counter(), [], 0
+        for batch in train_batches(epoch):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            loss = loss_fn(model, batch, generator)
+            reg = l2_penalty(model, l2)
+            stepper.step(loss if reg is None else loss + reg)
+            progress.restored_entries += guard.check()
+            progress.step += 1
+            losses.append(loss.detach())
+            examples += int(batch["seq"].shape[0])
+            if on_step is not None:
+                on_step(progress, float(loss))
+        metrics = dict(validate()) if validate is not None else {}
+        value = metrics.get(metric)
+        improved = value is None or progress.best_metric is None or value > progress.best_metric
+        if improved:
+            progress.best_metric, progress.best_epoch, progress.bad_epochs = value, epoch, 0
+            best_weights = snapshot()
+        else:
+            progress.bad_epochs += 1
+        seconds = time.perf_counter() - started
+        progress.epoch = epoch + 1
+        progress.history.append({
+            "epoch": epoch,
+            "loss": float(torch.stack(losses).float().mean()) if losses else math.nan,
+            "seconds": seconds,
+            "examples_per_s": examples / seconds if seconds > 0 else 0.0,
+            **{f"val_{k}": float(v) for k, v in metrics.items()},
+        })
+        progress.stopped_early = progress.bad_epochs >= patience and progress.epoch < epochs
+        if on_epoch_end is not None:
+            on_epoch_end(progress, best_weights, improved)
+    if best_weights is None:  # zero epochs left to run and nothing carried over
+        best_weights = snapshot()
+    return progress, best_weights

@@ -1,0 +1,161 @@
+"""Task losses: sampled softmax (T1), BPR with popularity negatives (item), cross-entropy (class).
+
+A batch is a dict of int64 tensors: ``seq`` [B, L] left-padded item ids, ``label`` [B] for
+item/class tasks. Padding rows (``label == -1``, or no item pairs) contribute nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from conure_dist.config import TaskSpec, TrainConfig
+from conure_dist.model import ConureModel
+from conure_dist.model.heads import ItemScorer
+from conure_dist.train.samplers import NegativeSampler, lambdafm_sampler, log_uniform_sampler, uniform_sampler
+
+Batch = Mapping[str, torch.Tensor]
+# Item-vocabulary tables are left out of L2: a whole-table penalty every step would shrink
+# rows the batch never saw.
+L2_EXCLUDED = ("backbone.embedding.weight",)
+
+
+class TaskLoss(Protocol):
+    def __call__(self, model: ConureModel, batch: Batch, generator: torch.Generator) -> torch.Tensor: ...
+
+
+def sampled_softmax_loss(
+    h: torch.Tensor,
+    targets: torch.Tensor,
+    scorer: ItemScorer,
+    sampled: torch.Tensor,
+    log_q_sampled: torch.Tensor,
+    log_q_targets: torch.Tensor,
+) -> torch.Tensor:
+    """Softmax cross-entropy of each target against negatives shared by the batch.
+
+    Logits are corrected by ``-log Q`` (expected count of each id in the sample) and a
+    sampled id equal to the row's own target is removed (an accidental hit).
+    """
+    true_logit = scorer.score(h, targets).float() - log_q_targets
+    logits = scorer.score_shared(h, sampled).float() - log_q_sampled[None, :]
+    logits = logits.masked_fill(sampled[None, :] == targets[:, None], float("-inf"))
+    logits = torch.cat([true_logit[:, None], logits], dim=1)
+    return F.cross_entropy(logits, torch.zeros_like(targets))
+
+
+def full_softmax_loss(h: torch.Tensor, targets: torch.Tensor, scorer: ItemScorer) -> torch.Tensor:
+    """Exact softmax over items 1..V (id 0 is padding, never a class)."""
+    logits = scorer(h).float()
+    logits[:, 0] = float("-inf")
+    return F.cross_entropy(logits, targets)
+
+
+def next_item_pairs(model: ConureModel, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states and next-item targets of every position that has an item and a successor."""
+    inputs, targets = seq[:, :-1], seq[:, 1:]
+    hidden = model.hidden(inputs)
+    valid = (inputs != 0) & (targets != 0)
+    return hidden[valid], targets[valid]
+
+
+@dataclass
+class SequenceLoss:
+    """T1: next-item prediction with sampled softmax (``sampler=None``: the exact softmax)."""
+
+    task: str
+    sampler: NegativeSampler | None
+    num_sampled: int
+
+    def __call__(self, model: ConureModel, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        h, targets = next_item_pairs(model, batch["seq"])
+        scorer = model.heads[self.task]
+        if targets.numel() == 0:
+            return h.sum() * 0.0
+        if self.sampler is None:
+            return full_softmax_loss(h, targets, scorer)
+        sampled = self.sampler.sample(self.num_sampled, generator).to(targets.device)
+        return sampled_softmax_loss(
+            h, targets, scorer, sampled,
+            self.sampler.log_expected_count(sampled, self.num_sampled),
+            self.sampler.log_expected_count(targets, self.num_sampled),
+        )
+
+
+@dataclass
+class ItemLoss:
+    """Item task: BPR, one negative per positive from the LambdaFM popularity sampler."""
+
+    task: str
+    sampler: NegativeSampler
+
+    def __call__(self, model: ConureModel, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        valid = batch["label"] >= 0
+        seq, pos = batch["seq"][valid], batch["label"][valid]
+        h = model.user_representation(seq)
+        if pos.numel() == 0:
+            return h.sum() * 0.0
+        neg = self.sampler.sample(pos.numel(), generator).to(pos.device)
+        scorer = model.heads[self.task]
+        diff = scorer.score(h, pos).float() - scorer.score(h, neg).float()
+        keep = (neg != pos).float()  # a negative equal to the positive teaches nothing
+        return -(F.logsigmoid(diff) * keep).sum() / keep.sum().clamp(min=1.0)
+
+
+@dataclass
+class ClassLoss:
+    """Class task: softmax cross-entropy over the classes."""
+
+    task: str
+
+    def __call__(self, model: ConureModel, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        valid = batch["label"] >= 0
+        h = model.user_representation(batch["seq"][valid])
+        if h.shape[0] == 0:
+            return h.sum() * 0.0
+        return F.cross_entropy(model.heads[self.task](h).float(), batch["label"][valid])
+
+
+def make_loss(task: TaskSpec, train: TrainConfig, num_items: int, popularity: np.ndarray | None) -> TaskLoss:
+    """The loss of a task. ``popularity``: counts per id (items for T1, labels otherwise)."""
+    if task.kind == "sequence":
+        if train.sample_ratio >= 1.0:
+            return SequenceLoss(task.name, None, num_items)
+        num_sampled = max(1, int(round(train.sample_ratio * num_items)))
+        if train.sampler == "log_uniform":
+            if popularity is None:
+                raise ValueError(f"task {task.name}: the log_uniform sampler needs item popularity counts")
+            sampler = log_uniform_sampler(popularity, exclude=(0,))
+        else:
+            sampler = uniform_sampler(num_items + 1, exclude=(0,))
+        return SequenceLoss(task.name, sampler, num_sampled)
+    if task.kind == "item":
+        counts = popularity if popularity is not None else np.ones(task.num_labels)
+        if len(counts) != task.num_labels:
+            raise ValueError(f"task {task.name}: {len(counts)} popularity counts for {task.num_labels} labels")
+        return ItemLoss(task.name, lambdafm_sampler(counts, train.bpr_rho))
+    return ClassLoss(task.name)
+
+
+def l2_penalty(model: ConureModel, l2: float) -> torch.Tensor | None:
+    """``l2 * 0.5 * sum(w^2)`` over the entries this stage trains (frozen ones excluded)."""
+    if l2 <= 0:
+        return None
+    masks = {name: m.weight_trainable for name, m in model.masked_modules()}
+    total = None
+    for name, p in model.named_parameters():
+        if not p.requires_grad or name in L2_EXCLUDED or _is_sequence_head(model, name):
+            continue
+        w = p * masks[name] if name in masks else p
+        term = w.float().pow(2).sum()
+        total = term if total is None else total + term
+    return None if total is None else 0.5 * l2 * total
+
+
+def _is_sequence_head(model: ConureModel, name: str) -> bool:
+    head = model.head_task(name)
+    return head is not None and model.tasks[model.task_number(head) - 1].kind == "sequence"

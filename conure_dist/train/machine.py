@@ -1,0 +1,104 @@
+"""Executes a method's plan, stage by stage, over a :class:`RunState`.
+
+Training stages are delegated to a :class:`StageExecutor` (in-process, or Ray Train +
+DeepSpeed workers). Everything between them happens here, on one process: merging a stage's
+output into the committed weights (only entries the stage could train), pruning, and the
+evaluation of every committed task after each commit (the accuracy matrix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from conure_dist.config import TaskPlan
+from conure_dist.model import OwnerMap, Stage, Weights, merge_stage_weights
+from conure_dist.train.plan import Ledger, Method, PlannedStep, Step, build_plan
+
+
+class StageExecutor(Protocol):
+    def train(self, task: TaskPlan, number: int, stage: Stage, weights: Weights, owners: OwnerMap | None) -> Weights:
+        """Run a train/retrain stage from ``weights``; return the best-on-validation weights."""
+
+    def evaluate(self, task: TaskPlan, number: int, weights: Weights, owners: OwnerMap | None) -> dict[str, float]:
+        """Test metrics of ``task`` served from ``weights``."""
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Precision the stages run in (frozen entries come back equal in it)."""
+
+
+@dataclass
+class RunState:
+    """What exists between stages: committed weights, owner map, phases, results."""
+
+    weights: Weights
+    owners: OwnerMap
+    ledger: Ledger
+    accuracy: list[dict] = field(default_factory=list)  # rows: after_task, task, metric, value
+
+
+class StageMachine:
+    def __init__(
+        self,
+        method: Method,
+        tasks: Sequence[TaskPlan],
+        executor: StageExecutor,
+        *,
+        on_step_done: Callable[[PlannedStep, RunState], None] | None = None,
+    ):
+        self.method, self.tasks, self.executor = method, list(tasks), executor
+        self.plan = build_plan(method, [t.spec.name for t in self.tasks])
+        self.on_step_done = on_step_done
+
+    def number(self, task: str) -> int:
+        return [t.spec.name for t in self.tasks].index(task) + 1
+
+    def task(self, name: str) -> TaskPlan:
+        return self.tasks[self.number(name) - 1]
+
+    def pending(self, state: RunState) -> list[PlannedStep]:
+        return [p for p in self.plan if not state.ledger.is_done(p, self.method)]
+
+    def run(self, state: RunState) -> RunState:
+        for planned in self.pending(state):
+            self.execute(planned, state)
+        return state
+
+    def execute(self, planned: PlannedStep, state: RunState) -> None:
+        task, number = self.task(planned.task), self.number(planned.task)
+        state.ledger.advance(planned.task, planned.step)  # refuses an illegal order first
+        owners = state.owners if self.method.masking else None
+        if planned.step in (Step.TRAIN, Step.RETRAIN):
+            stage = Stage.TRAIN if planned.step is Step.TRAIN else Stage.RETRAIN
+            trained = self.executor.train(task, number, stage, state.weights, owners)
+            state.weights = merge_stage_weights(
+                state.weights, trained, owners, task.spec.name, number, stage,
+                compute_dtype=self.executor.compute_dtype,
+            )
+        elif planned.step is Step.PRUNE:
+            state.owners = state.owners.prune(state.weights, number, self.prune_ratios(task, state.owners))
+            state.weights = {**state.weights, **state.owners.release_unowned(state.weights)}
+        else:
+            self.commit(number, state)
+        if self.on_step_done is not None:
+            self.on_step_done(planned, state)
+
+    def prune_ratios(self, task: TaskPlan, owners: OwnerMap) -> dict[str, float]:
+        ratios = {name: task.spec.prune_ratio for name in owners.names}
+        if task.spec.embedding_prune_ratio is not None and "backbone.embedding.weight" in ratios:
+            ratios["backbone.embedding.weight"] = task.spec.embedding_prune_ratio
+        return ratios
+
+    def commit(self, number: int, state: RunState) -> None:
+        """Evaluate every committed task (this one included) on its test split."""
+        after = self.tasks[number - 1].spec.name
+        owners = state.owners if self.method.masking else None
+        for k in range(1, number + 1):
+            task = self.tasks[k - 1]
+            metrics = self.executor.evaluate(task, k, state.weights, owners)
+            for metric, value in metrics.items():
+                if metric != "count":
+                    state.accuracy.append({"after_task": after, "task": task.spec.name, "metric": metric, "value": value})

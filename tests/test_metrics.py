@@ -1,0 +1,27 @@
+import math
+
+import pytest
+import torch
+
+from conure_dist.eval.metrics import accuracy, hr_at_k, mean_ndcg_at_k, mrr_at_k, target_ranks
+
+
+def test_ranks_and_topk_metrics_against_hand_values():
+    scores = torch.tensor([
+        [0.1, 0.9, 0.3, 0.2],   # target 2: one higher (0.9) -> rank 2
+        [0.5, 0.4, 0.3, 0.2],   # target 0 -> rank 1
+        [0.1, 0.2, 0.3, 0.4],   # target 0 -> rank 4
+        [0.3, 0.3, 0.3, 0.1],   # target 1: ties do not count against it -> rank 1
+    ])
+    targets = torch.tensor([2, 0, 0, 1])
+    ranks = target_ranks(scores, targets)
+    assert ranks.tolist() == [2, 1, 4, 1]
+    assert mrr_at_k(ranks, 3) == pytest.approx((1 / 2 + 1 + 0 + 1) / 4)
+    assert mrr_at_k(ranks, 5) == pytest.approx((1 / 2 + 1 + 1 / 4 + 1) / 4)
+    assert hr_at_k(ranks, 1) == pytest.approx(0.5)
+    assert mean_ndcg_at_k(ranks, 3) == pytest.approx((1 / math.log2(3) + 1 + 0 + 1) / 4)
+
+
+def test_accuracy():
+    logits = torch.tensor([[0.1, 0.9], [2.0, 1.0], [0.0, 1.0]])
+    assert accuracy(logits, torch.tensor([1, 1, 1])) == pytest.approx(2 / 3)
