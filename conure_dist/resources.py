@@ -1,0 +1,451 @@
+"""Per-worker resource sizing: how much memory one data-parallel worker needs.
+
+A pure function of the model and run shape, so that a job can turn "646K items, f = 256,
+ZeRO-2 on 8 workers" into a Ray resource request (``{"CPU", "GPU", "memory"}``) before it
+starts training: on an autoscaling cluster a bigger catalogue then brings up bigger or more
+nodes instead of failing with out-of-memory half-way through T1.
+
+Example::
+
+    >>> plan = plan_worker(SizingInputs(
+    ...     num_items=646_000, embed_dim=256, num_conv_layers=16, kernel_size=3,
+    ...     max_label_space=18_000, batch_size=32, seq_len=100, sample_ratio=0.2,
+    ...     zero_stage=2, num_workers=4, precision="bf16", use_gpu=True),
+    ...     gpu_memory_bytes=24 * 2**30)
+    >>> plan.fits, sorted(plan.resources)
+    (True, ['CPU', 'GPU', 'memory'])
+    >>> print(plan.table())   # what ``--dry-run`` prints  # doctest: +SKIP
+
+The estimate follows what DeepSpeed 0.19 allocates for ZeRO 0/1/2 (read from its
+``runtime/zero/stage_1_and_2.py`` and ``runtime/engine.py``); each formula is written out
+next to the code that computes it. It is an estimate: it is meant to be within tens of
+percent, and to err on the large side.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+
+MiB = 2**20
+GiB = 2**30
+
+PRECISIONS = ("fp32", "bf16")
+TASK_KINDS = ("sequence", "item", "class")
+
+# Bytes per element of the module's parameters, gradients and activations. DeepSpeed's bf16
+# mode casts the whole module to bf16, so frozen tensors are 2 bytes as well.
+LOW_PRECISION_BYTES = {"fp32": 4, "bf16": 2}
+FP32_BYTES = 4
+ADAM_STATES = 2  # exp_avg and exp_avg_sq, fp32 each: 8 bytes per trainable parameter
+
+# DeepSpeed's default ``zero_optimization.reduce_bucket_size`` (elements). ZeRO-1/2 with
+# contiguous_gradients (the default) allocate one bucket of exactly this size on the device;
+# ZeRO-0 flattens gradients into buckets of the same default size for the all-reduce.
+# (overlap_comm, off by default for ZeRO-1/2, would double the bucket: not modelled.)
+DEFAULT_REDUCE_BUCKET_ELEMENTS = 500_000_000
+
+# Activations kept for backward by one conv layer, in units of [batch, seq_len, f]: the
+# LayerNorm output, the causally padded conv input (padding of (k-1)*dilation positions is
+# ignored: it adds < 20 % to this one tensor at seq_len 100), the conv output and the ReLU
+# output. Each residual block (two conv layers) adds its sum: 0.5 per conv layer.
+ACTIVATIONS_PER_CONV_LAYER = 4.5
+# The embedding lookup output, plus the gradient being propagated and the one being produced
+# during backward (the transient working set of autograd).
+ACTIVATIONS_OUTSIDE_LAYERS = 3
+# LayerNorm keeps its mean and reciprocal std per position, in fp32.
+LAYERNORM_STATS_BYTES = 2 * FP32_BYTES
+# Copies of the logits matrix alive at the peak, in fp32 (the loss is computed in fp32): the
+# logits, the log-Q-corrected logits, the log-softmax saved for backward, and the gradient.
+# In bf16 the matmul output is one more copy of 2 bytes.
+FP32_LOGIT_COPIES = 4
+
+# Fixed costs that are not tensors of the model.
+GPU_CONTEXT_BYTES = 1 * GiB  # CUDA context, cuBLAS workspaces, NCCL buffers, per process
+CPU_PROCESS_BYTES = 1 * GiB  # Python + torch + Ray worker + DeepSpeed + gloo (imports: ~0.4 GiB)
+GPU_HOST_PROCESS_BYTES = 2 * GiB  # the same process on a GPU node also maps the CUDA runtime
+ALLOCATOR_SLACK = 0.10  # caching-allocator fragmentation, on top of all tensors
+
+DEFAULT_CPUS_PER_GPU_WORKER = 4.0  # input pipeline + NCCL progress threads per GPU process
+DEFAULT_CPUS_PER_CPU_WORKER = 1.0
+
+
+@dataclass(frozen=True)
+class SizingInputs:
+    """The shape of one training stage, as seen by one data-parallel worker.
+
+    ``batch_size`` is the per-worker micro-batch (DeepSpeed's
+    ``train_micro_batch_size_per_gpu``); a trainer that splits a global batch across workers
+    passes ``ceil(global / num_workers)``. ``task_kind`` selects the stage: ``"sequence"`` is
+    T1 (embedding, backbone and the output layer all trainable; sampled softmax over
+    ``sample_ratio * num_items`` shared negatives); ``"item"`` and ``"class"`` are later
+    tasks (only the prunable conv weights, the embedding if ``prune_embedding``, and the
+    task's head of ``max_label_space`` outputs are trainable). ``max_label_space`` may be 0
+    for a run with T1 only.
+    """
+
+    num_items: int
+    embed_dim: int
+    num_conv_layers: int
+    kernel_size: int
+    max_label_space: int
+    batch_size: int
+    seq_len: int
+    sample_ratio: float
+    zero_stage: int
+    num_workers: int
+    precision: str
+    use_gpu: bool
+    prune_embedding: bool = False
+    task_kind: str = "sequence"
+    reduce_bucket_elements: int = DEFAULT_REDUCE_BUCKET_ELEMENTS
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int) and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"SizingInputs.{f.name} must be an int, got {value!r}")
+            if f.type in ("bool", bool) and not isinstance(value, bool):
+                raise ValueError(f"SizingInputs.{f.name} must be a bool, got {value!r}")
+        _at_least(self, "num_items", 1)
+        _at_least(self, "embed_dim", 1)
+        _at_least(self, "num_conv_layers", 1)
+        _at_least(self, "kernel_size", 1)
+        _at_least(self, "max_label_space", 0)
+        _at_least(self, "batch_size", 1)
+        _at_least(self, "seq_len", 2)  # T1 predicts positions 1..seq_len-1 from their prefix
+        _at_least(self, "num_workers", 1)
+        _at_least(self, "reduce_bucket_elements", 1)
+        if isinstance(self.sample_ratio, bool) or not isinstance(self.sample_ratio, (int, float)):
+            raise ValueError(f"SizingInputs.sample_ratio must be a number, got {self.sample_ratio!r}")
+        if not 0.0 < self.sample_ratio <= 1.0:
+            raise ValueError(f"SizingInputs.sample_ratio must be in (0, 1], got {self.sample_ratio!r}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(
+                f"SizingInputs.zero_stage must be 0, 1 or 2, got {self.zero_stage!r} "
+                "(ZeRO-3 partitions parameters and breaks the per-weight masks)"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"SizingInputs.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.task_kind not in TASK_KINDS:
+            raise ValueError(f"SizingInputs.task_kind must be one of {TASK_KINDS}, got {self.task_kind!r}")
+        if self.task_kind != "sequence" and self.max_label_space < 1:
+            raise ValueError(
+                f"SizingInputs.max_label_space must be >= 1 for a {self.task_kind!r} task, got "
+                f"{self.max_label_space!r}"
+            )
+
+    @property
+    def num_sampled(self) -> int:
+        """Negatives shared by the batch in T1's sampled softmax (at least one)."""
+        return max(1, int(self.sample_ratio * self.num_items))
+
+
+def _at_least(inputs: SizingInputs, name: str, low: int) -> None:
+    value = getattr(inputs, name)
+    if value < low:
+        raise ValueError(f"SizingInputs.{name} must be >= {low}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """One worker's memory by component and the Ray resource request derived from it.
+
+    ``components`` are bytes on the device that holds the model: GPU memory for a GPU
+    worker, RAM for a CPU worker; ``total_bytes`` is their sum. ``host_bytes`` is the RAM
+    the worker process needs (the ``"memory"`` request). ``fits`` is None when no device
+    size was given, else whether ``total_bytes`` fits in it; ``recommendation`` says what
+    to change when it does not.
+    """
+
+    inputs: SizingInputs
+    components: dict[str, int]
+    total_bytes: int
+    host_bytes: int
+    resources: dict[str, float]
+    fits: bool | None = None
+    device_bytes_available: int | None = None
+    recommendation: str | None = None
+    params: dict[str, int] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """A per-component table in MiB/GiB, printed by the jobs' ``--dry-run``."""
+        i = self.inputs
+        where = "GPU memory" if i.use_gpu else "RAM"
+        lines = [
+            f"worker plan: {i.task_kind} stage, {i.num_items:,} items, f={i.embed_dim}, "
+            f"{i.num_conv_layers} conv layers (k={i.kernel_size}), largest head {i.max_label_space:,}",
+            f"  batch {i.batch_size} x seq {i.seq_len}, sampled softmax {i.num_sampled:,} "
+            f"negatives, ZeRO-{i.zero_stage} on {i.num_workers} worker(s), {i.precision}, "
+            f"{'GPU' if i.use_gpu else 'CPU'}"
+            + (", embedding prunable" if i.prune_embedding else ""),
+            f"  parameters: {self.params.get('total', 0):,} total, "
+            f"{self.params.get('trainable', 0):,} trainable in this stage",
+            "",
+            f"  {'component (' + where + ')':<34}{'MiB':>12}{'GiB':>10}",
+        ]
+        for name, value in self.components.items():
+            lines.append(f"  {name:<34}{value / MiB:>12,.1f}{value / GiB:>10.2f}")
+        lines.append(f"  {'total':<34}{self.total_bytes / MiB:>12,.1f}{self.total_bytes / GiB:>10.2f}")
+        lines.append("")
+        request = ", ".join(
+            f'"{k}": {_format_resource(k, v)}' for k, v in self.resources.items()
+        )
+        lines.append(f"  Ray resources per worker: {{{request}}}")
+        if self.fits is not None:
+            avail = self.device_bytes_available or 0
+            verdict = "fits" if self.fits else "DOES NOT FIT"
+            lines.append(f"  {verdict} in {avail / GiB:.1f} GiB of GPU memory")
+        if self.recommendation:
+            lines.append(f"  recommendation: {self.recommendation}")
+        return "\n".join(lines)
+
+
+def _format_resource(name: str, value: float) -> str:
+    if name == "memory":
+        return f"{int(value)} ({value / GiB:.2f} GiB)"
+    return f"{value:g}"
+
+
+def _param_counts(i: SizingInputs) -> dict[str, int]:
+    """Parameter counts by tensor group (elements)."""
+    f, n1 = i.embed_dim, i.num_items + 1  # row 0 is padding
+    conv_weight = i.num_conv_layers * f * f * i.kernel_size
+    return {
+        "embedding": n1 * f,
+        "output_layer": n1 * f + n1,  # output embedding + per-item bias
+        "conv_weight": conv_weight,  # the prunable backbone weights
+        # conv biases and the LayerNorm (scale, shift) before each conv layer
+        "backbone_other": i.num_conv_layers * (f + 2 * f),
+        "head": i.max_label_space * f + i.max_label_space,  # dense f -> |Y| with bias
+    }
+
+
+def _trainable(i: SizingInputs, p: dict[str, int]) -> tuple[int, int]:
+    """(trainable elements, largest trainable tensor) in this stage.
+
+    T1 trains everything it has. Later tasks train only tensors that still have free
+    entries (the conv weights, the embedding when it is prunable) and their own head;
+    the embedding, output layer, biases and LayerNorms are frozen with requires_grad=False,
+    so DeepSpeed gives them neither gradients nor optimizer state. (Masked entries of a
+    trainable tensor still cost the whole tensor: DeepSpeed flattens whole tensors.)
+    """
+    f = i.embed_dim
+    if i.task_kind == "sequence":
+        tensors = [p["embedding"], p["output_layer"] - (i.num_items + 1), i.num_items + 1]
+        tensors += [f * f * i.kernel_size, f, f, f]  # one conv layer's weight/bias, LN scale/shift
+        trainable = p["embedding"] + p["output_layer"] + p["conv_weight"] + p["backbone_other"]
+    else:
+        tensors = [f * f * i.kernel_size, i.max_label_space * f]
+        trainable = p["conv_weight"] + p["head"]
+        if i.prune_embedding:
+            tensors.append(p["embedding"])
+            trainable += p["embedding"]
+    return trainable, max(tensors)
+
+
+def _device_components(i: SizingInputs) -> tuple[dict[str, int], dict[str, int]]:
+    p = _param_counts(i)
+    lp = LOW_PRECISION_BYTES[i.precision]  # bytes per module param / grad / activation
+    n = i.num_workers
+    trainable, largest = _trainable(i, p)
+    shard = math.ceil(trainable / n)  # ZeRO partitions flat buffers evenly (padding ignored)
+
+    c: dict[str, int] = {}
+    # Module parameters, replicated on every worker under ZeRO 0/1/2, all in `lp` bytes.
+    c["embedding"] = p["embedding"] * lp
+    c["output_layer"] = p["output_layer"] * lp
+    c["backbone"] = (p["conv_weight"] + p["backbone_other"]) * lp
+    c["heads"] = p["head"] * lp
+
+    # Per prunable weight: the owner map (uint8), the bool trainable/visible mask, the
+    # frozen-value buffer (same dtype as the weight), and the masked weight W*mask that the
+    # forward pass builds and autograd keeps (same dtype again).
+    prunable = p["conv_weight"] + (p["embedding"] if i.prune_embedding else 0)
+    c["owner_map_and_masks"] = prunable * (1 + 1 + lp + lp)
+
+    # Gradients in the module dtype. ZeRO-0 and ZeRO-1 keep every trainable gradient on
+    # every worker; ZeRO-2 keeps only this worker's 1/n partition, plus the largest single
+    # gradient, which exists in full until it is reduced into the partition.
+    if i.zero_stage < 2:
+        c["gradients"] = trainable * lp
+    else:
+        c["gradients"] = (shard + largest) * lp
+
+    # fp32 master weights and the fp32 gradient the optimizer steps on.
+    #   bf16, ZeRO-0: DeepSpeed's bf16 wrapper keeps a full fp32 copy of the trainable
+    #                 weights and of their gradients (4 + 4 bytes per trainable param).
+    #   ZeRO-1/2:     one fp32 copy of this worker's partition of weights and of gradients;
+    #                 DeepSpeed clones the partition even when the model is fp32.
+    #   fp32, ZeRO-0: the optimizer steps on the module's own weights: no copy.
+    if i.zero_stage == 0:
+        master = trainable if i.precision == "bf16" else 0
+    else:
+        master = shard
+    c["master_weights_fp32"] = master * FP32_BYTES
+    c["master_gradients_fp32"] = master * FP32_BYTES
+
+    # Adam: two fp32 states per trainable parameter, sharded by ZeRO-1 and ZeRO-2.
+    c["optimizer_state"] = (trainable if i.zero_stage == 0 else shard) * ADAM_STATES * FP32_BYTES
+
+    # Reduction buffers. ZeRO-1/2 (contiguous_gradients, the default) allocate one bucket of
+    # exactly reduce_bucket_size elements on a GPU; on a CPU only the pages written are
+    # resident: at most the trainable gradients. ZeRO-0 flattens up to one bucket of
+    # gradients for the all-reduce, and only when there is more than one worker.
+    if i.zero_stage == 0:
+        bucket = min(trainable, i.reduce_bucket_elements) if n > 1 else 0
+    elif i.use_gpu:
+        bucket = i.reduce_bucket_elements
+    else:
+        bucket = min(trainable, i.reduce_bucket_elements)
+    c["reduce_bucket"] = bucket * lp
+
+    # Activations of the backbone for one micro-batch (see the constants above).
+    positions = i.batch_size * i.seq_len
+    units = ACTIVATIONS_PER_CONV_LAYER * i.num_conv_layers + ACTIVATIONS_OUTSIDE_LAYERS
+    c["activations"] = int(positions * i.embed_dim * units * lp) + (
+        positions * i.num_conv_layers * LAYERNORM_STATS_BYTES
+    )
+
+    # Logits. T1: [batch * (seq_len - 1), num_sampled] (negatives shared by the batch),
+    # plus the gathered output rows of the sampled items and of the targets, each with its
+    # gradient. Later tasks: [batch, |Y|] (an upper bound for BPR, which scores fewer).
+    logit_bytes = FP32_LOGIT_COPIES * FP32_BYTES + (lp if i.precision == "bf16" else 0)
+    if i.task_kind == "sequence":
+        rows = i.batch_size * (i.seq_len - 1)
+        gathered = (i.num_sampled + rows) * i.embed_dim * lp * 2
+        c["sampled_softmax_logits"] = rows * i.num_sampled * logit_bytes + gathered
+    else:
+        c["head_logits"] = i.batch_size * i.max_label_space * logit_bytes
+
+    tensors = sum(c.values())
+    fixed = GPU_CONTEXT_BYTES if i.use_gpu else CPU_PROCESS_BYTES
+    c["framework_overhead"] = fixed + int(ALLOCATOR_SLACK * tensors)
+
+    counts = {"total": sum(p.values()), "trainable": trainable}
+    return c, counts
+
+
+def _host_bytes(i: SizingInputs, c: dict[str, int]) -> int:
+    """RAM of the worker process (the ``"memory"`` request).
+
+    Saving or loading a checkpoint stages this worker's model and optimizer partition in
+    host memory (torch.save / torch.load with map_location="cpu"). A CPU worker needs that
+    on top of everything it holds; a GPU worker needs it on top of its process.
+    """
+    staging = sum(
+        c[k]
+        for k in (
+            "embedding", "output_layer", "backbone", "heads",
+            "master_weights_fp32", "optimizer_state",
+        )
+    )
+    if i.use_gpu:
+        return GPU_HOST_PROCESS_BYTES + staging
+    return sum(c.values()) + staging
+
+
+def plan_worker(
+    inputs: SizingInputs,
+    *,
+    gpu_memory_bytes: int | None = None,
+    cpus_per_worker: float | None = None,
+    gpus_per_worker: float = 1.0,
+) -> WorkerPlan:
+    """Memory by component and the Ray resource request for one worker of one stage.
+
+    ``gpu_memory_bytes`` (per GPU) enables the ``fits`` check; a worker with a fraction
+    of a GPU gets that fraction of its memory. ``cpus_per_worker`` defaults to 4 for GPU
+    workers and 1 for CPU workers. One DeepSpeed data-parallel process drives one GPU, so
+    ``gpus_per_worker`` is at most 1: for more GPUs, use more workers.
+    """
+    if isinstance(cpus_per_worker, bool) or (
+        cpus_per_worker is not None and not (isinstance(cpus_per_worker, (int, float)) and cpus_per_worker > 0)
+    ):
+        raise ValueError(f"cpus_per_worker must be a number > 0, got {cpus_per_worker!r}")
+    if inputs.use_gpu and not (isinstance(gpus_per_worker, (int, float)) and 0 < gpus_per_worker <= 1):
+        raise ValueError(
+            f"gpus_per_worker must be in (0, 1] (one DeepSpeed process drives one GPU; use "
+            f"more workers for more GPUs), got {gpus_per_worker!r}"
+        )
+    if gpu_memory_bytes is not None and (
+        isinstance(gpu_memory_bytes, bool) or not isinstance(gpu_memory_bytes, int) or gpu_memory_bytes <= 0
+    ):
+        raise ValueError(f"gpu_memory_bytes must be a positive int, got {gpu_memory_bytes!r}")
+
+    components, counts = _device_components(inputs)
+    total = sum(components.values())
+    host = _host_bytes(inputs, components)
+    host = math.ceil(host / MiB) * MiB  # whole MiB: easier to read, never smaller
+
+    if cpus_per_worker is None:
+        cpus_per_worker = DEFAULT_CPUS_PER_GPU_WORKER if inputs.use_gpu else DEFAULT_CPUS_PER_CPU_WORKER
+    resources: dict[str, float] = {"CPU": float(cpus_per_worker)}
+    if inputs.use_gpu:
+        resources["GPU"] = float(gpus_per_worker)
+    resources["memory"] = float(host)
+
+    fits = available = recommendation = None
+    if inputs.use_gpu and gpu_memory_bytes is not None:
+        available = int(gpu_memory_bytes * gpus_per_worker)
+        fits = total <= available
+        if not fits:
+            recommendation = _recommend(inputs, available)
+    return WorkerPlan(
+        inputs=inputs,
+        components=components,
+        total_bytes=total,
+        host_bytes=host,
+        resources=resources,
+        fits=fits,
+        device_bytes_available=available,
+        recommendation=recommendation,
+        params=counts,
+    )
+
+
+def _recommend(inputs: SizingInputs, available: int) -> str:
+    """The smallest change of ZeRO stage and worker count that fits, or what else to cut."""
+    for stage in range(max(inputs.zero_stage, 1), 3):
+        workers = inputs.num_workers
+        while workers <= 1024:
+            candidate = replace(inputs, zero_stage=stage, num_workers=workers)
+            if sum(_device_components(candidate)[0].values()) <= available:
+                return (
+                    f"needs {_gib(inputs)} but {available / GiB:.1f} GiB is available: use "
+                    f"--zero-stage {stage} --workers {workers}"
+                )
+            workers *= 2
+    return (
+        f"needs {_gib(inputs)} but {available / GiB:.1f} GiB is available, and no ZeRO stage "
+        "or worker count fixes it (parameters, activations and logits are replicated): lower "
+        "the batch size, sequence length or sample ratio, or use GPUs with more memory"
+    )
+
+
+def _gib(inputs: SizingInputs) -> str:
+    return f"{sum(_device_components(inputs)[0].values()) / GiB:.1f} GiB"
+
+
+def plan_run(
+    inputs: SizingInputs,
+    *,
+    later_batch_size: int | None = None,
+    gpu_memory_bytes: int | None = None,
+    cpus_per_worker: float | None = None,
+    gpus_per_worker: float = 1.0,
+) -> WorkerPlan:
+    """The plan of the run's largest stage: T1 at ``inputs.batch_size``, or a later task at
+    ``later_batch_size`` (paper: 32 and 512). One request for every stage keeps the cluster
+    shape stable between stages.
+    """
+    kw = dict(gpu_memory_bytes=gpu_memory_bytes, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+    plans = [plan_worker(replace(inputs, task_kind="sequence"), **kw)]
+    if inputs.max_label_space > 0:
+        later = replace(
+            inputs,
+            task_kind="item",
+            batch_size=later_batch_size if later_batch_size is not None else inputs.batch_size,
+        )
+        plans.append(plan_worker(later, **kw))
+    return max(plans, key=lambda plan: (plan.total_bytes, plan.host_bytes))

@@ -1,0 +1,230 @@
+"""Worker sizing: hand-computed plans on tiny shapes, validation, and monotonicity."""
+
+from __future__ import annotations
+
+import doctest
+import re
+from dataclasses import replace
+
+import pytest
+
+from conure_dist import resources
+from conure_dist.resources import GiB, MiB, SizingInputs, plan_run, plan_worker
+
+# 9 items (+ padding row = 10), f = 4, 2 conv layers of kernel 3, largest head 5,
+# batch 2 x seq 3, sample ratio 0.5 -> 4 shared negatives.
+TINY = SizingInputs(
+    num_items=9, embed_dim=4, num_conv_layers=2, kernel_size=3, max_label_space=5,
+    batch_size=2, seq_len=3, sample_ratio=0.5, zero_stage=0, num_workers=1,
+    precision="fp32", use_gpu=False,
+)
+
+TTL = SizingInputs(
+    num_items=646_000, embed_dim=256, num_conv_layers=16, kernel_size=3,
+    max_label_space=18_000, batch_size=32, seq_len=100, sample_ratio=0.2,
+    zero_stage=0, num_workers=1, precision="bf16", use_gpu=True,
+)
+
+
+def test_tiny_t1_fp32_cpu_zero0_by_hand():
+    plan = plan_worker(TINY)
+    # parameters: embedding 10*4 = 40, output 10*4 + 10 = 50, conv weights 2*4*4*3 = 96,
+    # conv biases + LayerNorms 2*(4 + 2*4) = 24, head 5*4 + 5 = 25; T1 trains all but the head.
+    assert plan.params == {"total": 235, "trainable": 210}
+    expected = {
+        "embedding": 40 * 4,
+        "output_layer": 50 * 4,
+        "backbone": (96 + 24) * 4,
+        "heads": 25 * 4,
+        "owner_map_and_masks": 96 * (1 + 1 + 4 + 4),  # owner, mask, frozen values, W*mask
+        "gradients": 210 * 4,
+        "master_weights_fp32": 0,  # fp32 ZeRO-0 steps on the module's own weights
+        "master_gradients_fp32": 0,
+        "optimizer_state": 210 * 8,
+        "reduce_bucket": 0,  # one worker: nothing to all-reduce
+        # 2*3 positions * f=4 * (4.5 per conv layer * 2 + 3) * 4 B + LN stats 6 * 2 * 8 B
+        "activations": 6 * 4 * 12 * 4 + 6 * 2 * 8,
+        # rows 2*(3-1) = 4 x 4 negatives x 4 fp32 copies; gathered rows (4 + 4) * f * 4 B * 2
+        "sampled_softmax_logits": 4 * 4 * 16 + (4 + 4) * 4 * 4 * 2,
+    }
+    tensors = sum(expected.values())
+    assert tensors == 6180
+    expected["framework_overhead"] = GiB + 618  # process + 10 % allocator slack
+    assert plan.components == expected
+    assert plan.total_bytes == 6180 + 618 + GiB
+    # CPU worker: everything above plus checkpoint staging (params + optimizer state),
+    # rounded up to whole MiB.
+    staging = 160 + 200 + 480 + 100 + 1680
+    assert plan.host_bytes == 1025 * MiB >= plan.total_bytes + staging
+    assert plan.resources == {"CPU": 1.0, "memory": float(1025 * MiB)}
+    assert plan.fits is None and plan.recommendation is None
+
+
+def test_tiny_item_task_bf16_gpu_zero2_by_hand():
+    inputs = replace(
+        TINY, task_kind="item", zero_stage=2, num_workers=2, precision="bf16", use_gpu=True,
+        reduce_bucket_elements=8,
+    )
+    plan = plan_worker(inputs)
+    # trainable: conv weights 96 + head 25 = 121; shard ceil(121/2) = 61; the largest
+    # trainable tensor is one conv weight, 4*4*3 = 48.
+    assert plan.params["trainable"] == 121
+    expected = {
+        "embedding": 40 * 2,
+        "output_layer": 50 * 2,
+        "backbone": 120 * 2,
+        "heads": 25 * 2,
+        "owner_map_and_masks": 96 * (1 + 1 + 2 + 2),
+        "gradients": (61 + 48) * 2,
+        "master_weights_fp32": 61 * 4,
+        "master_gradients_fp32": 61 * 4,
+        "optimizer_state": 61 * 8,
+        "reduce_bucket": 8 * 2,  # a GPU allocates the whole bucket
+        "activations": 6 * 4 * 12 * 2 + 6 * 2 * 8,
+        "head_logits": 2 * 5 * (16 + 2),  # [batch, |Y|], 4 fp32 copies + the bf16 matmul output
+    }
+    assert sum(expected.values()) == 3108
+    expected["framework_overhead"] = GiB + 310
+    assert plan.components == expected
+    # GPU worker RAM: 2 GiB process + staging (params 470 + master 244 + Adam 488) -> 2049 MiB
+    assert plan.resources == {"CPU": 4.0, "GPU": 1.0, "memory": float(2049 * MiB)}
+
+
+def test_zero1_shards_optimizer_but_not_gradients():
+    z0 = plan_worker(replace(TINY, num_workers=2))
+    z1 = plan_worker(replace(TINY, num_workers=2, zero_stage=1))
+    assert z1.components["gradients"] == z0.components["gradients"] == 210 * 4
+    assert z1.components["optimizer_state"] == 105 * 8
+    assert z1.components["master_weights_fp32"] == 105 * 4
+
+
+def test_bf16_zero0_keeps_full_fp32_master():
+    plan = plan_worker(replace(TINY, precision="bf16"))
+    assert plan.components["master_weights_fp32"] == 210 * 4
+    assert plan.components["gradients"] == 210 * 2
+
+
+def test_prune_embedding_adds_owner_map_and_trainable_embedding():
+    plain = plan_worker(replace(TINY, task_kind="item"))
+    pruned = plan_worker(replace(TINY, task_kind="item", prune_embedding=True))
+    assert pruned.components["owner_map_and_masks"] - plain.components["owner_map_and_masks"] == 40 * 10
+    assert pruned.params["trainable"] - plain.params["trainable"] == 40
+
+
+def test_num_sampled_never_zero():
+    assert replace(TINY, sample_ratio=0.01).num_sampled == 1
+    assert TTL.num_sampled == 129_200
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("num_items", 0), ("embed_dim", 0), ("num_conv_layers", 0), ("kernel_size", 0),
+        ("max_label_space", -1), ("batch_size", 0), ("seq_len", 1), ("sample_ratio", 0.0),
+        ("sample_ratio", 1.5), ("zero_stage", 3), ("num_workers", 0), ("precision", "fp16"),
+        ("use_gpu", 1), ("num_items", 2.5), ("num_items", True), ("task_kind", "ranking"),
+        ("reduce_bucket_elements", 0),
+    ],
+)
+def test_invalid_inputs_name_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"SizingInputs\.{field}\b"):
+        replace(TINY, **{field: value})
+
+
+def test_later_task_needs_a_head():
+    with pytest.raises(ValueError, match="max_label_space"):
+        replace(TINY, task_kind="class", max_label_space=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"gpus_per_worker": 2}, "gpus_per_worker"),
+        ({"cpus_per_worker": 0}, "cpus_per_worker"),
+        ({"gpu_memory_bytes": -1}, "gpu_memory_bytes"),
+    ],
+)
+def test_invalid_plan_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        plan_worker(replace(TINY, use_gpu=True), **kwargs)
+
+
+@pytest.mark.parametrize("base", [TINY, TTL], ids=["tiny-cpu", "ttl-gpu"])
+def test_bigger_vocabulary_needs_more_memory(base):
+    small = plan_worker(base)
+    big = plan_worker(replace(base, num_items=base.num_items * 2))
+    assert big.total_bytes > small.total_bytes
+    assert big.resources["memory"] >= small.resources["memory"]
+    assert big.components["embedding"] > small.components["embedding"]
+
+
+@pytest.mark.parametrize("base", [TINY, TTL], ids=["tiny-cpu", "ttl-gpu"])
+@pytest.mark.parametrize("workers", [2, 4, 8])
+def test_zero2_needs_less_per_worker_than_zero0(base, workers):
+    z0 = plan_worker(replace(base, zero_stage=0, num_workers=workers))
+    z1 = plan_worker(replace(base, zero_stage=1, num_workers=workers))
+    z2 = plan_worker(replace(base, zero_stage=2, num_workers=workers))
+    assert z2.total_bytes < z0.total_bytes
+    # fp32 ZeRO-1 on 2 workers breaks even: it halves Adam (8 B -> 4 B per parameter) but
+    # adds an fp32 master copy of the partition (weights + gradients, 4 B).
+    assert z2.total_bytes < z1.total_bytes <= z0.total_bytes
+
+
+def test_zero2_per_worker_memory_falls_with_workers():
+    totals = [plan_worker(replace(TTL, zero_stage=2, num_workers=n)).total_bytes for n in (1, 2, 4, 8)]
+    assert totals == sorted(totals, reverse=True) and totals[0] > totals[-1]
+
+
+def test_bigger_batch_needs_more_activation_memory():
+    small = plan_worker(replace(TTL, task_kind="item", batch_size=32))
+    big = plan_worker(replace(TTL, task_kind="item", batch_size=512))
+    assert big.components["activations"] == pytest.approx(16 * small.components["activations"])
+
+
+def test_fits_and_recommendation():
+    roomy = plan_worker(TTL, gpu_memory_bytes=80 * GiB)
+    assert roomy.fits is True and roomy.recommendation is None
+
+    tight = 13 * GiB
+    plan = plan_worker(TTL, gpu_memory_bytes=tight)
+    assert plan.fits is False
+    match = re.search(r"--zero-stage (\d) --workers (\d+)", plan.recommendation or "")
+    assert match, plan.recommendation
+    stage, workers = int(match[1]), int(match[2])
+    assert plan_worker(replace(TTL, zero_stage=stage, num_workers=workers), gpu_memory_bytes=tight).fits
+    if workers > 1:  # the smallest power-of-two worker count that fits at that stage
+        half = replace(TTL, zero_stage=stage, num_workers=workers // 2)
+        assert not plan_worker(half, gpu_memory_bytes=tight).fits
+
+    hopeless = plan_worker(TTL, gpu_memory_bytes=2 * GiB)
+    assert hopeless.fits is False
+    assert "lower the batch size" in hopeless.recommendation
+
+
+def test_fractional_gpu_gets_a_fraction_of_its_memory():
+    plan = plan_worker(TTL, gpu_memory_bytes=24 * GiB, gpus_per_worker=0.5)
+    assert plan.device_bytes_available == 12 * GiB
+    assert plan.resources["GPU"] == 0.5
+
+
+def test_plan_run_takes_the_largest_stage():
+    t1 = plan_run(TTL, later_batch_size=512)
+    assert t1.inputs.task_kind == "sequence"  # 129K-wide sampled softmax dominates
+    later = plan_run(replace(TTL, sample_ratio=0.001), later_batch_size=4096)
+    assert later.inputs.task_kind == "item" and later.inputs.batch_size == 4096
+    only_t1 = plan_run(replace(TTL, max_label_space=0), later_batch_size=4096)
+    assert only_t1.inputs.task_kind == "sequence"
+
+
+def test_table_lists_every_component_and_the_request():
+    plan = plan_worker(TTL, gpu_memory_bytes=2 * GiB)
+    text = plan.table()
+    for name in plan.components:
+        assert name in text
+    assert "total" in text and '"memory"' in text and '"GPU": 1' in text
+    assert "DOES NOT FIT" in text and "recommendation:" in text
+
+
+def test_module_docstring_example_holds():
+    failures, _ = doctest.testmod(resources)
+    assert failures == 0
