@@ -19,7 +19,8 @@ Example::
 The estimate follows what DeepSpeed 0.19 allocates for ZeRO 0/1/2 (read from its
 ``runtime/zero/stage_1_and_2.py`` and ``runtime/engine.py``); each formula is written out
 next to the code that computes it. It is an estimate: it is meant to be within tens of
-percent, and to err on the large side.
+percent, and to err on the large side. It sizes the NextItNet backbone (the Transformer
+option's weights are a few MiB; its embedding and output layer dominate the same way).
 """
 
 from __future__ import annotations
@@ -55,10 +56,15 @@ ACTIVATIONS_PER_CONV_LAYER = 4.5
 ACTIVATIONS_OUTSIDE_LAYERS = 3
 # LayerNorm keeps its mean and reciprocal std per position, in fp32.
 LAYERNORM_STATS_BYTES = 2 * FP32_BYTES
-# Copies of the logits matrix alive at the peak, in fp32 (the loss is computed in fp32): the
-# logits, the log-Q-corrected logits, the log-softmax saved for backward, and the gradient.
-# In bf16 the matmul output is one more copy of 2 bytes.
+# Copies of the logits matrix alive at the peak of T1's loss (train/losses.py computes it in
+# fp32): the masked/concatenated logits, the log-softmax saved for backward, and two gradients
+# in backward; plus the accidental-hit mask (bool, saved by masked_fill) and, in bf16, the
+# matmul output before ``.float()``.
 FP32_LOGIT_COPIES = 4
+BOOL_BYTES = 1
+# Evaluation ranks against every candidate (eval/evaluate.py): scores in the module dtype, their
+# fp32 copy, and the bool comparison ``scores > target``; test batches are 4x the train batch.
+EVAL_BATCH_FACTOR = 4
 
 # Fixed costs that are not tensors of the model.
 GPU_CONTEXT_BYTES = 1 * GiB  # CUDA context, cuBLAS workspaces, NCCL buffers, per process
@@ -74,14 +80,15 @@ DEFAULT_CPUS_PER_CPU_WORKER = 1.0
 class SizingInputs:
     """The shape of one training stage, as seen by one data-parallel worker.
 
-    ``batch_size`` is the per-worker micro-batch (DeepSpeed's
-    ``train_micro_batch_size_per_gpu``); a trainer that splits a global batch across workers
-    passes ``ceil(global / num_workers)``. ``task_kind`` selects the stage: ``"sequence"`` is
+    ``batch_size`` is the global batch of the task (``TrainConfig.batch_size``, paper: 32 for
+    T1, 512 after); each worker trains on ``ceil(batch_size / num_workers)`` rows per step, as
+    the trainer does. ``task_kind`` selects the stage: ``"sequence"`` is
     T1 (embedding, backbone and the output layer all trainable; sampled softmax over
     ``sample_ratio * num_items`` shared negatives); ``"item"`` and ``"class"`` are later
     tasks (only the prunable conv weights, the embedding if ``prune_embedding``, and the
     task's head of ``max_label_space`` outputs are trainable). ``max_label_space`` may be 0
-    for a run with T1 only.
+    for a run with T1 only. Every task's head lives in the model from the start:
+    ``total_label_space`` is the sum of the item/class heads' sizes (default: the largest).
     """
 
     num_items: int
@@ -98,6 +105,7 @@ class SizingInputs:
     use_gpu: bool
     prune_embedding: bool = False
     task_kind: str = "sequence"
+    total_label_space: int | None = None
     reduce_bucket_elements: int = DEFAULT_REDUCE_BUCKET_ELEMENTS
 
     def __post_init__(self) -> None:
@@ -120,6 +128,14 @@ class SizingInputs:
             raise ValueError(f"SizingInputs.sample_ratio must be a number, got {self.sample_ratio!r}")
         if not 0.0 < self.sample_ratio <= 1.0:
             raise ValueError(f"SizingInputs.sample_ratio must be in (0, 1], got {self.sample_ratio!r}")
+        if self.total_label_space is not None:
+            if isinstance(self.total_label_space, bool) or not isinstance(self.total_label_space, int):
+                raise ValueError(f"SizingInputs.total_label_space must be an int, got {self.total_label_space!r}")
+            if self.total_label_space < self.max_label_space:
+                raise ValueError(
+                    f"SizingInputs.total_label_space ({self.total_label_space}) must be >= "
+                    f"max_label_space ({self.max_label_space}): it sums every task head"
+                )
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(
                 f"SizingInputs.zero_stage must be 0, 1 or 2, got {self.zero_stage!r} "
@@ -137,8 +153,13 @@ class SizingInputs:
 
     @property
     def num_sampled(self) -> int:
-        """Negatives shared by the batch in T1's sampled softmax (at least one)."""
-        return max(1, int(self.sample_ratio * self.num_items))
+        """Negatives shared by the batch in T1's sampled softmax, as train/losses.py draws them."""
+        return max(1, int(round(self.sample_ratio * self.num_items)))
+
+    @property
+    def micro_batch(self) -> int:
+        """Rows per worker per step: the trainer splits the global batch across workers."""
+        return max(1, math.ceil(self.batch_size / self.num_workers))
 
 
 def _at_least(inputs: SizingInputs, name: str, low: int) -> None:
@@ -175,8 +196,9 @@ class WorkerPlan:
         lines = [
             f"worker plan: {i.task_kind} stage, {i.num_items:,} items, f={i.embed_dim}, "
             f"{i.num_conv_layers} conv layers (k={i.kernel_size}), largest head {i.max_label_space:,}",
-            f"  batch {i.batch_size} x seq {i.seq_len}, sampled softmax {i.num_sampled:,} "
-            f"negatives, ZeRO-{i.zero_stage} on {i.num_workers} worker(s), {i.precision}, "
+            f"  batch {i.batch_size} ({i.micro_batch} per worker) x seq {i.seq_len}, "
+            + (f"sampled softmax {i.num_sampled:,} negatives, " if i.task_kind == "sequence" else "")
+            + f"ZeRO-{i.zero_stage} on {i.num_workers} worker(s), {i.precision}, "
             f"{'GPU' if i.use_gpu else 'CPU'}"
             + (", embedding prunable" if i.prune_embedding else ""),
             f"  parameters: {self.params.get('total', 0):,} total, "
@@ -217,8 +239,14 @@ def _param_counts(i: SizingInputs) -> dict[str, int]:
         "conv_weight": conv_weight,  # the prunable backbone weights
         # conv biases and the LayerNorm (scale, shift) before each conv layer
         "backbone_other": i.num_conv_layers * (f + 2 * f),
-        "head": i.max_label_space * f + i.max_label_space,  # dense f -> |Y| with bias
+        # dense f -> |Y| with bias, one per item/class task; all exist from the start
+        "heads": _heads(i) * (f + 1),
+        "largest_head": i.max_label_space * (f + 1),
     }
+
+
+def _heads(i: SizingInputs) -> int:
+    return i.total_label_space if i.total_label_space is not None else i.max_label_space
 
 
 def _trainable(i: SizingInputs, p: dict[str, int]) -> tuple[int, int]:
@@ -237,7 +265,7 @@ def _trainable(i: SizingInputs, p: dict[str, int]) -> tuple[int, int]:
         trainable = p["embedding"] + p["output_layer"] + p["conv_weight"] + p["backbone_other"]
     else:
         tensors = [f * f * i.kernel_size, i.max_label_space * f]
-        trainable = p["conv_weight"] + p["head"]
+        trainable = p["conv_weight"] + p["largest_head"]
         if i.prune_embedding:
             tensors.append(p["embedding"])
             trainable += p["embedding"]
@@ -256,13 +284,16 @@ def _device_components(i: SizingInputs) -> tuple[dict[str, int], dict[str, int]]
     c["embedding"] = p["embedding"] * lp
     c["output_layer"] = p["output_layer"] * lp
     c["backbone"] = (p["conv_weight"] + p["backbone_other"]) * lp
-    c["heads"] = p["head"] * lp
+    c["heads"] = p["heads"] * lp
 
-    # Per prunable weight: the owner map (uint8), the bool trainable/visible mask, the
-    # frozen-value buffer (same dtype as the weight), and the masked weight W*mask that the
-    # forward pass builds and autograd keeps (same dtype again).
+    # model/masked.py: every conv weight and the embedding carry a frozen-value buffer (module
+    # dtype) and a bool trainable mask, whether or not the embedding is prunable. A prunable
+    # weight also has its owner-map entry (uint8) and, while masked, the effective weight
+    # where(trainable, weight, frozen) that the forward pass builds (module dtype; the conv
+    # keeps it for backward).
+    buffered = p["conv_weight"] + p["embedding"]
     prunable = p["conv_weight"] + (p["embedding"] if i.prune_embedding else 0)
-    c["owner_map_and_masks"] = prunable * (1 + 1 + lp + lp)
+    c["owner_map_and_masks"] = buffered * (lp + BOOL_BYTES) + prunable * (1 + lp)
 
     # Gradients in the module dtype. ZeRO-0 and ZeRO-1 keep every trainable gradient on
     # every worker; ZeRO-2 keeps only this worker's 1/n partition, plus the largest single
@@ -301,7 +332,7 @@ def _device_components(i: SizingInputs) -> tuple[dict[str, int], dict[str, int]]
     c["reduce_bucket"] = bucket * lp
 
     # Activations of the backbone for one micro-batch (see the constants above).
-    positions = i.batch_size * i.seq_len
+    positions = i.micro_batch * i.seq_len
     units = ACTIVATIONS_PER_CONV_LAYER * i.num_conv_layers + ACTIVATIONS_OUTSIDE_LAYERS
     c["activations"] = int(positions * i.embed_dim * units * lp) + (
         positions * i.num_conv_layers * LAYERNORM_STATS_BYTES
@@ -310,19 +341,27 @@ def _device_components(i: SizingInputs) -> tuple[dict[str, int], dict[str, int]]
     # Logits. T1: [batch * (seq_len - 1), num_sampled] (negatives shared by the batch),
     # plus the gathered output rows of the sampled items and of the targets, each with its
     # gradient. Later tasks: [batch, |Y|] (an upper bound for BPR, which scores fewer).
-    logit_bytes = FP32_LOGIT_COPIES * FP32_BYTES + (lp if i.precision == "bf16" else 0)
+    logit_bytes = FP32_LOGIT_COPIES * FP32_BYTES + BOOL_BYTES + (lp if i.precision == "bf16" else 0)
     if i.task_kind == "sequence":
-        rows = i.batch_size * (i.seq_len - 1)
+        rows = i.micro_batch * (i.seq_len - 1)
         gathered = (i.num_sampled + rows) * i.embed_dim * lp * 2
         c["sampled_softmax_logits"] = rows * i.num_sampled * logit_bytes + gathered
     else:
-        c["head_logits"] = i.batch_size * i.max_label_space * logit_bytes
+        c["head_logits"] = i.micro_batch * i.max_label_space * logit_bytes
+
+    # Full-ranking evaluation runs with the model (and, for validation, the optimizer) in
+    # memory but without the training step's activations and logits: only what it needs
+    # beyond them is added. Test batches are EVAL_BATCH_FACTOR x the global batch per worker.
+    candidates = i.num_items + 1 if i.task_kind == "sequence" else i.max_label_space
+    eval_scores = EVAL_BATCH_FACTOR * i.batch_size * candidates * (lp + FP32_BYTES + BOOL_BYTES)
+    train_transient = c["activations"] + c.get("sampled_softmax_logits", 0) + c.get("head_logits", 0)
+    c["evaluation_headroom"] = max(0, eval_scores - train_transient)
 
     tensors = sum(c.values())
     fixed = GPU_CONTEXT_BYTES if i.use_gpu else CPU_PROCESS_BYTES
     c["framework_overhead"] = fixed + int(ALLOCATOR_SLACK * tensors)
 
-    counts = {"total": sum(p.values()), "trainable": trainable}
+    counts = {"total": sum(v for k, v in p.items() if k != "largest_head"), "trainable": trainable}
     return c, counts
 
 

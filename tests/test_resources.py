@@ -12,7 +12,7 @@ from conure_dist import resources
 from conure_dist.resources import GiB, MiB, SizingInputs, plan_run, plan_worker
 
 # 9 items (+ padding row = 10), f = 4, 2 conv layers of kernel 3, largest head 5,
-# batch 2 x seq 3, sample ratio 0.5 -> 4 shared negatives.
+# batch 2 x seq 3, sample ratio 0.5 -> round(4.5) = 4 shared negatives.
 TINY = SizingInputs(
     num_items=9, embed_dim=4, num_conv_layers=2, kernel_size=3, max_label_space=5,
     batch_size=2, seq_len=3, sample_ratio=0.5, zero_stage=0, num_workers=1,
@@ -36,7 +36,8 @@ def test_tiny_t1_fp32_cpu_zero0_by_hand():
         "output_layer": 50 * 4,
         "backbone": (96 + 24) * 4,
         "heads": 25 * 4,
-        "owner_map_and_masks": 96 * (1 + 1 + 4 + 4),  # owner, mask, frozen values, W*mask
+        # conv + embedding: frozen values (4 B) + bool mask; conv only: owner + W*mask (4 B)
+        "owner_map_and_masks": (96 + 40) * (4 + 1) + 96 * (1 + 4),
         "gradients": 210 * 4,
         "master_weights_fp32": 0,  # fp32 ZeRO-0 steps on the module's own weights
         "master_gradients_fp32": 0,
@@ -44,14 +45,17 @@ def test_tiny_t1_fp32_cpu_zero0_by_hand():
         "reduce_bucket": 0,  # one worker: nothing to all-reduce
         # 2*3 positions * f=4 * (4.5 per conv layer * 2 + 3) * 4 B + LN stats 6 * 2 * 8 B
         "activations": 6 * 4 * 12 * 4 + 6 * 2 * 8,
-        # rows 2*(3-1) = 4 x 4 negatives x 4 fp32 copies; gathered rows (4 + 4) * f * 4 B * 2
-        "sampled_softmax_logits": 4 * 4 * 16 + (4 + 4) * 4 * 4 * 2,
+        # rows 2*(3-1) = 4 x 4 negatives x (4 fp32 copies + bool mask);
+        # gathered output rows (4 negatives + 4 targets) * f * 4 B, value and gradient
+        "sampled_softmax_logits": 4 * 4 * 17 + (4 + 4) * 4 * 4 * 2,
+        # test eval: 4 * 2 rows x 10 candidates x (4 + 4 + 1) B = 720 < activations + logits
+        "evaluation_headroom": 0,
     }
     tensors = sum(expected.values())
-    assert tensors == 6180
-    expected["framework_overhead"] = GiB + 618  # process + 10 % allocator slack
+    assert tensors == 6396
+    expected["framework_overhead"] = GiB + 639  # process + 10 % allocator slack
     assert plan.components == expected
-    assert plan.total_bytes == 6180 + 618 + GiB
+    assert plan.total_bytes == 6396 + 639 + GiB
     # CPU worker: everything above plus checkpoint staging (params + optimizer state),
     # rounded up to whole MiB.
     staging = 160 + 200 + 480 + 100 + 1680
@@ -74,17 +78,20 @@ def test_tiny_item_task_bf16_gpu_zero2_by_hand():
         "output_layer": 50 * 2,
         "backbone": 120 * 2,
         "heads": 25 * 2,
-        "owner_map_and_masks": 96 * (1 + 1 + 2 + 2),
+        "owner_map_and_masks": (96 + 40) * (2 + 1) + 96 * (1 + 2),
         "gradients": (61 + 48) * 2,
         "master_weights_fp32": 61 * 4,
         "master_gradients_fp32": 61 * 4,
         "optimizer_state": 61 * 8,
         "reduce_bucket": 8 * 2,  # a GPU allocates the whole bucket
-        "activations": 6 * 4 * 12 * 2 + 6 * 2 * 8,
-        "head_logits": 2 * 5 * (16 + 2),  # [batch, |Y|], 4 fp32 copies + the bf16 matmul output
+        # global batch 2 on 2 workers: 1 row x seq 3 = 3 positions per worker
+        "activations": 3 * 4 * 12 * 2 + 3 * 2 * 8,
+        # [1 row, |Y| = 5] x (4 fp32 copies + bool + the bf16 matmul output)
+        "head_logits": 1 * 5 * (16 + 1 + 2),
+        "evaluation_headroom": 0,  # 4 * 2 rows x 5 labels x 7 B = 280 < 336 + 95
     }
-    assert sum(expected.values()) == 3108
-    expected["framework_overhead"] = GiB + 310
+    assert sum(expected.values()) == 2807
+    expected["framework_overhead"] = GiB + 280
     assert plan.components == expected
     # GPU worker RAM: 2 GiB process + staging (params 470 + master 244 + Adam 488) -> 2049 MiB
     assert plan.resources == {"CPU": 4.0, "GPU": 1.0, "memory": float(2049 * MiB)}
@@ -107,8 +114,35 @@ def test_bf16_zero0_keeps_full_fp32_master():
 def test_prune_embedding_adds_owner_map_and_trainable_embedding():
     plain = plan_worker(replace(TINY, task_kind="item"))
     pruned = plan_worker(replace(TINY, task_kind="item", prune_embedding=True))
-    assert pruned.components["owner_map_and_masks"] - plain.components["owner_map_and_masks"] == 40 * 10
+    # the embedding's owner entries (1 B) and its effective weight (4 B); its frozen-value
+    # buffer and mask exist either way
+    assert pruned.components["owner_map_and_masks"] - plain.components["owner_map_and_masks"] == 40 * (1 + 4)
     assert pruned.params["trainable"] - plain.params["trainable"] == 40
+
+
+def test_evaluation_headroom_when_full_ranking_outgrows_training():
+    plan = plan_worker(replace(TINY, num_items=999, sample_ratio=0.01))
+    # train: activations 1248 + logits 4 rows x 10 negatives x 17 B + (10 + 4) * 4 * 4 * 2
+    # eval: 4 * 2 rows x 1000 candidates x (4 + 4 + 1) B
+    assert plan.components["sampled_softmax_logits"] == 680 + 448
+    assert plan.components["evaluation_headroom"] == 72_000 - (1248 + 680 + 448)
+
+
+def test_workers_split_the_global_batch():
+    split = plan_worker(replace(TTL, batch_size=32, num_workers=4))
+    single = plan_worker(replace(TTL, batch_size=8, num_workers=1))
+    assert split.inputs.micro_batch == 8
+    assert split.components["activations"] == single.components["activations"]
+    assert split.components["sampled_softmax_logits"] == single.components["sampled_softmax_logits"]
+
+
+def test_every_task_head_is_counted():
+    one = plan_worker(TTL)
+    all_heads = plan_worker(replace(TTL, total_label_space=26_016))
+    assert one.components["heads"] == 18_000 * 257 * 2
+    assert all_heads.components["heads"] == 26_016 * 257 * 2
+    with pytest.raises(ValueError, match="total_label_space"):
+        replace(TTL, total_label_space=100)
 
 
 def test_num_sampled_never_zero():
