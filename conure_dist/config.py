@@ -144,3 +144,84 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
         kwargs["spec"] = from_dict(TaskSpec, kwargs["spec"])
         kwargs["train"] = from_dict(TrainConfig, kwargs.get("train", {}))
     return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """How each stage is spread over Ray Train workers."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = 0.5  # < 1 leaves CPUs to Ray Data's read tasks (no deadlock on small nodes)
+    memory_per_worker: int = 0  # bytes requested per worker (0 = none); see conure_dist.resources
+    zero_stage: int = 0
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    max_failures: int = 1  # worker failures retried from the last checkpoint, per stage
+    checkpoint_every_steps: int = 0  # 0: at each epoch end only
+    log_every_steps: int = 50
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 1, "cluster.num_workers", "must be >= 1")
+        _require(self.gpus_per_worker > 0, "cluster.gpus_per_worker", "must be > 0")
+        _require(self.cpus_per_worker > 0, "cluster.cpus_per_worker", "must be > 0")
+        _require(self.memory_per_worker >= 0, "cluster.memory_per_worker", "must be >= 0")
+        _require(self.zero_stage in (0, 1, 2), "cluster.zero_stage",
+                 f"one of 0, 1, 2 (ZeRO-3 partitions parameters, which masking cannot follow); got {self.zero_stage}")
+        _require(self.precision in ("auto", "fp32", "bf16"), "cluster.precision", f"auto, fp32 or bf16; got {self.precision!r}")
+        _require(self.max_failures >= 0, "cluster.max_failures", "must be >= 0")
+        _require(self.checkpoint_every_steps >= 0, "cluster.checkpoint_every_steps", "must be >= 0")
+        _require(self.log_every_steps >= 1, "cluster.log_every_steps", "must be >= 1")
+
+    @property
+    def resolved_precision(self) -> str:
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if self.use_gpu else "fp32"
+
+
+# Options that may differ when a run is resumed (they do not change what is computed).
+RESUMABLE_OPTIONS = ("max_failures", "log_every_steps")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything a distributed run is: data, model, tasks in order, method, cluster."""
+
+    dataset: str  # prepared dataset directory (see docs/dataset-format.md)
+    model: ModelConfig
+    tasks: tuple[TaskPlan, ...]
+    method: str = "conure"
+    seq_len: int = 100
+    seed: int = 0
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        _require(len(self.tasks) >= 1, "tasks", "at least one task")
+        _require(self.seq_len >= 2, "seq_len", "must be >= 2")
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+
+    def task(self, name: str) -> TaskPlan:
+        for t in self.tasks:
+            if t.spec.name == name:
+                return t
+        raise ConfigError(f"tasks: no task named {name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ExperimentConfig":
+        kwargs = dict(data)
+        kwargs["model"] = from_dict(ModelConfig, kwargs["model"])
+        kwargs["tasks"] = tuple(from_dict(TaskPlan, t) for t in kwargs["tasks"])
+        kwargs["cluster"] = from_dict(ClusterConfig, kwargs.get("cluster", {}))
+        return cls(**kwargs)
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """The parts that must match to resume a run (tasks are compared on their own)."""
+        d = self.to_dict()
+        d.pop("tasks")
+        for key in RESUMABLE_OPTIONS:
+            d["cluster"].pop(key)
+        return d

@@ -22,8 +22,8 @@ class StageExecutor(Protocol):
     def train(self, task: TaskPlan, number: int, stage: Stage, weights: Weights, owners: OwnerMap | None) -> Weights:
         """Run a train/retrain stage from ``weights``; return the best-on-validation weights."""
 
-    def evaluate(self, task: TaskPlan, number: int, weights: Weights, owners: OwnerMap | None) -> dict[str, float]:
-        """Test metrics of ``task`` served from ``weights``."""
+    def evaluate(self, tasks: Sequence[TaskPlan], weights: Weights, owners: OwnerMap | None) -> dict[str, dict[str, float]]:
+        """Test metrics of each task (by name), every one served from ``weights``."""
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -96,9 +96,8 @@ class StageMachine:
         """Evaluate every committed task (this one included) on its test split."""
         after = self.tasks[number - 1].spec.name
         owners = state.owners if self.method.masking else None
-        for k in range(1, number + 1):
-            task = self.tasks[k - 1]
-            metrics = self.executor.evaluate(task, k, state.weights, owners)
-            for metric, value in metrics.items():
+        results = self.executor.evaluate(self.tasks[:number], state.weights, owners)
+        for task in self.tasks[:number]:
+            for metric, value in results[task.spec.name].items():
                 if metric != "count":
                     state.accuracy.append({"after_task": after, "task": task.spec.name, "metric": metric, "value": value})

@@ -72,10 +72,13 @@ class InProcessExecutor:
         self.progress[f"{spec.name}/{stage.value}"] = progress
         return best
 
-    def evaluate(self, task: TaskPlan, number: int, weights: Weights, owners: OwnerMap | None) -> dict[str, float]:
+    def evaluate(self, tasks: Sequence[TaskPlan], weights: Weights, owners: OwnerMap | None) -> dict[str, dict[str, float]]:
         self.model.load_weights(weights)
-        self.model.set_view(owners, task.spec.name, Stage.SERVE)
-        return evaluate_task(self.model, task.spec, self.data[task.spec.name].test, task.train.metric_k, self.device)
+        results = {}
+        for task in tasks:
+            self.model.set_view(owners, task.spec.name, Stage.SERVE)
+            results[task.spec.name] = evaluate_task(self.model, task.spec, self.data[task.spec.name].test, task.train.metric_k, self.device)
+        return results
 
 
 @dataclass

@@ -1,0 +1,126 @@
+"""The run directory: manifest, owner maps, weights, reports — local path or a pyarrow URI.
+
+Layout::
+
+    manifest.json                  config, task list, ledger, per-stage status/metrics/timings
+    state/weights-<n>.safetensors  committed weights after step n of the plan (latest two kept)
+    state/owners-<n>.safetensors   owner map version n
+    stages/<task>-<step>/          inputs of a training stage (weights, owner map)
+    ray/                           Ray Train storage (per-stage checkpoints)
+    reports/accuracy_matrix.csv    after_task,task,metric,value
+    reports/capacity.txt           share of each prunable tensor owned by each task
+    tensorboard/                   event files per stage
+
+Only the coordinator writes the manifest. Every file is written to a temporary name and
+renamed (on object stores, where rename is not atomic, a single PUT is), so a crash never
+leaves a half-written manifest or owner map that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+import uuid
+from typing import Any, Mapping
+
+import pyarrow.fs as pafs
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked (different config, corrupt manifest...)."""
+
+
+def config_fingerprint(config: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class RunDir:
+    """Files of one run, on any filesystem pyarrow understands (local, s3://, gs://...)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        if "://" in uri:
+            self.fs, self.root = pafs.FileSystem.from_uri(uri)
+            self.local = False
+        else:
+            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri)
+            self.local = True
+        self.fs.create_dir(self.root, recursive=True)
+
+    # -- paths -------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def storage_uri(self, *parts: str) -> str:
+        """A location other tools (Ray Train's storage_path) can open."""
+        if self.local:
+            return self.path(*parts)
+        scheme = self.uri.split("://", 1)[0]
+        return f"{scheme}://{self.path(*parts)}"
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    # -- bytes -------------------------------------------------------------------------
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        final = self.path(rel)
+        self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
+        if not self.local:
+            with self.fs.open_output_stream(final) as out:
+                out.write(data)
+            return
+        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, final)
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return f.read()
+
+    def delete(self, rel: str) -> None:
+        if self.exists(rel):
+            self.fs.delete_file(self.path(rel))
+
+    # -- typed files -------------------------------------------------------------------
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+    def read_json(self, rel: str) -> Any:
+        try:
+            return json.loads(self.read_bytes(rel))
+        except json.JSONDecodeError as e:
+            raise RunDirError(f"{self.path(rel)}: not valid JSON ({e})") from e
+
+    def write_tensors(self, rel: str, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+        data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        self.write_bytes(rel, st_save(data, metadata=metadata))
+
+    def read_tensors(self, rel: str) -> dict[str, torch.Tensor]:
+        return st_load(self.read_bytes(rel))
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode())
+
+
+def now() -> float:
+    return round(time.time(), 3)
+
+
+def csv_text(rows: list[Mapping[str, Any]], columns: tuple[str, ...]) -> str:
+    buf = io.StringIO()
+    buf.write(",".join(columns) + "\n")
+    for row in rows:
+        buf.write(",".join(repr(row[c]) if isinstance(row[c], float) else str(row[c]) for c in columns) + "\n")
+    return buf.getvalue()

@@ -1,0 +1,235 @@
+"""What each Ray Train worker runs: one train/retrain stage, or the evaluation of tasks.
+
+A stage worker builds the model from the stage's input weights and owner map (written by the
+coordinator), wraps it in DeepSpeed, and runs the same :func:`~conure_dist.train.loop.run_stage`
+as the in-process runner, fed by its Ray Data shard. At each epoch end (and every N steps if
+asked) every rank saves its DeepSpeed checkpoint and reports it to Ray Train; rank 0 adds the
+stage progress and the best-on-validation weights. A restarted worker (Ray Train's
+FailureConfig) or a rerun of the driver resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import zlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from conure_dist.config import ExperimentConfig
+from conure_dist.eval.evaluate import MetricSums, evaluate_sums, main_metric
+from conure_dist.model import ConureModel, OwnerMap, Stage
+from conure_dist.train.engine import DeepSpeedStepper, EngineSettings
+from conure_dist.train.loop import StageProgress, run_stage
+from conure_dist.train.losses import make_loss
+from conure_dist.train.rundir import RunDir
+
+PROGRESS_FILE, BEST_FILE, RESULT_FILE = "progress.json", "best.safetensors", "result.json"
+
+
+def _setup(config: dict[str, Any]) -> tuple[ExperimentConfig, RunDir, torch.device, int, int]:
+    import ray.train
+
+    ctx = ray.train.get_context()
+    exp = ExperimentConfig.from_dict(config["experiment"])
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    torch.manual_seed(exp.seed)
+    device = torch.device("cuda", torch.cuda.current_device()) if exp.cluster.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    return exp, RunDir(config["run_dir"]), device, ctx.get_world_rank(), ctx.get_world_size()
+
+
+def _build_model(exp: ExperimentConfig, rundir: RunDir, config: dict[str, Any]) -> tuple[ConureModel, OwnerMap | None]:
+    model = ConureModel(exp.model, [t.spec for t in exp.tasks])
+    model.load_weights(rundir.read_tensors(config["input_weights"]))
+    owners = OwnerMap.from_state_dict(rundir.read_tensors(config["input_owners"])) if config.get("input_owners") else None
+    return model, owners
+
+
+def _allreduce_sums(sums: MetricSums, device: torch.device) -> MetricSums:
+    t = sums.as_tensor().to(device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return MetricSums.from_tensor(sums.names, t.cpu())
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def stage_worker(config: dict[str, Any]) -> None:
+    """Ray Train ``train_loop_per_worker`` of a train/retrain stage."""
+    import ray.train
+    from safetensors.torch import load_file, save_file
+
+    from conure_dist.data.pipeline import iter_torch_batches
+
+    exp, rundir, device, rank, world = _setup(config)
+    plan = exp.task(config["task"])
+    spec, train = plan.spec, plan.train
+    stage = Stage(config["stage"])
+    epochs = train.epochs if stage is Stage.TRAIN else train.retrain_epochs
+    model, owners = _build_model(exp, rundir, config)
+    model.set_view(owners, spec.name, stage)
+    model.to(device)
+    micro_batch = max(1, math.ceil(train.batch_size / world))
+    stepper = DeepSpeedStepper(model, train, EngineSettings(exp.cluster.zero_stage, exp.cluster.resolved_precision, micro_batch))
+
+    progress, best = StageProgress(), None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            stepper.load(d)
+            progress = StageProgress.from_dict(json.loads(open(os.path.join(d, PROGRESS_FILE)).read()))
+            if os.path.exists(os.path.join(d, BEST_FILE)):
+                best = load_file(os.path.join(d, BEST_FILE))
+        if rank == 0:
+            _log(f"[{spec.name}/{stage.value}] resumed at epoch {progress.epoch}, step {progress.step}")
+
+    popularity = None
+    if config.get("popularity"):
+        popularity = rundir.read_tensors(config["popularity"])["counts"].numpy()
+    loss_fn = make_loss(spec, train, exp.model.num_items, popularity)
+    with_label = spec.kind != "sequence"
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation")
+    steps_per_epoch = max(1, math.ceil(config["train_rows"] / (micro_batch * world)))
+    tb = _tensorboard(config, rank)
+    timing = {"fit_started": config["fit_started"], "first_step": None, "last_step": None}
+    window = {"t": time.perf_counter(), "step": progress.step, "loss": 0.0, "n": 0}
+    # A failure injected by tests: raise once, at this optimizer step, in this rank.
+    fail_at = config.get("fail_once_at_step")
+    fail_marker = config.get("fail_marker")
+
+    def batches(epoch: int):
+        return iter_torch_batches(train_shard, batch_size=micro_batch, seq_len=exp.seq_len, with_label=with_label,
+                                  local_shuffle_buffer_size=config.get("shuffle_buffer"))
+
+    def validate():
+        sums = evaluate_sums(model, spec, iter_torch_batches(val_shard, batch_size=micro_batch * 4, seq_len=exp.seq_len,
+                                                               with_label=with_label), train.metric_k, device)
+        return _allreduce_sums(sums, device).result()
+
+    def on_step(p: StageProgress, loss: float) -> None:
+        now = time.time()
+        timing["first_step"] = timing["first_step"] or now
+        timing["last_step"] = now
+        window["loss"] += loss
+        window["n"] += 1
+        if fail_at is not None and p.step == fail_at and rank == 0 and not os.path.exists(fail_marker):
+            open(fail_marker, "w").close()
+            raise RuntimeError(f"injected failure at step {p.step}")
+        if p.step % exp.cluster.log_every_steps == 0:
+            _progress_line(spec.name, stage, p, window, steps_per_epoch, epochs, micro_batch * world, rank, tb)
+        if exp.cluster.checkpoint_every_steps and p.step % exp.cluster.checkpoint_every_steps == 0:
+            _report(stepper, p, best_box["w"], rank, {"step": p.step})
+
+    best_box = {"w": best}
+
+    def on_epoch_end(p: StageProgress, best_weights, improved: bool) -> None:
+        best_box["w"] = best_weights
+        last = p.history[-1]
+        if rank == 0:
+            vals = " ".join(f"{k[4:]}={v:.4f}" for k, v in last.items() if k.startswith("val_") and k != "val_count")
+            _log(f"[{spec.name}/{stage.value}] epoch {p.epoch}/{epochs} loss {last['loss']:.4f} "
+                 f"{last['examples_per_s']:.0f} ex/s {last['seconds']:.1f}s {vals}{' (best)' if improved else ''}")
+            if tb is not None:
+                for k, v in last.items():
+                    if k != "epoch":
+                        tb.add_scalar(f"epoch/{k}", v, p.epoch)
+                tb.flush()
+        _report(stepper, p, best_weights, rank, {"epoch": p.epoch, **{k: v for k, v in last.items()}})
+
+    if checkpoint is not None and progress.finished(epochs) and best is not None:
+        return  # the stage had finished before the driver stopped: its last checkpoint is the result
+    if not progress.finished(epochs):
+        progress, best = run_stage(
+            model=model, stepper=stepper, loss_fn=loss_fn, train_batches=batches, validate=validate,
+            metric=main_metric(spec, train.metric_k), epochs=epochs, patience=train.patience, l2=train.l2,
+            seed=exp.seed * 7919 + hash_task(spec.name, stage) + rank, device=device, progress=progress, best=best,
+            snapshot=stepper.fp32_weights, on_step=on_step, on_epoch_end=on_epoch_end,
+        )
+    if best is None:
+        best = stepper.fp32_weights()
+    # The final checkpoint is also the stage's result: best weights, progress and timings.
+    _report(stepper, progress, best, rank, {"done": 1, "epoch": progress.epoch},
+            extra={RESULT_FILE: {"progress": progress.to_dict(), "timing": timing}}, name="final")
+    if tb is not None:
+        tb.close()
+
+
+def hash_task(name: str, stage: Stage) -> int:
+    return zlib.crc32(f"{name}/{stage.value}".encode()) % 100_003
+
+
+def _report(stepper: DeepSpeedStepper, p: StageProgress, best, rank: int, metrics: dict,
+            extra: dict[str, Any] | None = None, name: str = "step") -> None:
+    """Checkpoint every rank's DeepSpeed state (rank 0 adds progress and best weights) and report."""
+    import ray.train
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as d:
+        stepper.save(d)
+        if rank == 0:
+            files = {PROGRESS_FILE: p.to_dict(), **(extra or {})}
+            for filename, obj in files.items():
+                with open(os.path.join(d, filename), "w") as f:
+                    json.dump(obj, f)
+            if best is not None:
+                save_file({k: v.contiguous() for k, v in best.items()}, os.path.join(d, BEST_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=f"{name}-{p.step:09d}-e{p.epoch}")
+
+
+def _tensorboard(config: dict[str, Any], rank: int):
+    if rank != 0 or not config.get("tensorboard_dir"):
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(config["tensorboard_dir"])
+
+
+def _progress_line(task, stage, p, window, steps_per_epoch, epochs, global_batch, rank, tb) -> None:
+    if rank != 0 or window["n"] == 0:
+        return
+    now = time.perf_counter()
+    rate = (p.step - window["step"]) / max(now - window["t"], 1e-9)
+    loss = window["loss"] / window["n"]
+    remaining = max(0, epochs * steps_per_epoch - p.step)
+    eta = time.strftime("%H:%M:%S", time.gmtime(remaining / rate)) if rate > 0 else "?"
+    _log(f"[{task}/{stage.value}] step {p.step} (epoch {p.epoch + 1}/{epochs}) loss {loss:.4f} "
+         f"{rate:.2f} steps/s {rate * global_batch:.0f} ex/s ETA {eta} (at most)")
+    if tb is not None:
+        tb.add_scalar("step/loss", loss, p.step)
+        tb.add_scalar("step/steps_per_s", rate, p.step)
+        tb.add_scalar("step/examples_per_s", rate * global_batch, p.step)
+    window.update(t=now, step=p.step, loss=0.0, n=0)
+
+
+def evaluate_worker(config: dict[str, Any]) -> None:
+    """Ray Train ``train_loop_per_worker`` that evaluates committed tasks on their test split."""
+    import ray.train
+
+    from conure_dist.data.pipeline import iter_torch_batches
+
+    exp, rundir, device, rank, _ = _setup(config)
+    model, owners = _build_model(exp, rundir, config)
+    model.to(device)
+    results = {}
+    for name in config["eval_tasks"]:
+        plan = exp.task(name)
+        model.set_view(owners, name, Stage.SERVE)
+        shard = ray.train.get_dataset_shard(f"test_{name}")
+        batches = iter_torch_batches(shard, batch_size=plan.train.batch_size * 4, seq_len=exp.seq_len,
+                                     with_label=plan.spec.kind != "sequence")
+        results[name] = _allreduce_sums(evaluate_sums(model, plan.spec, batches, plan.train.metric_k, device), device).result()
+    with tempfile.TemporaryDirectory() as d:
+        if rank == 0:
+            with open(os.path.join(d, RESULT_FILE), "w") as f:
+                json.dump(results, f)
+        ray.train.report({"done": 1}, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name="result")
