@@ -1,0 +1,194 @@
+"""Ray Data pipeline: prepared Parquet shards -> equal, exactly-once shards -> padded torch batches.
+
+Why a custom split
+------------------
+Ray Train's default ``DataConfig`` calls ``Dataset.streaming_split(n, equal=True)``. Read in
+``ray/data/_internal/execution/operators/output_splitter.py`` (Ray 2.60): when the input is
+done, the buffered rows are shared out so that every split has ``max_n + x`` rows, and the
+last ``total % n`` rows are **dropped** every epoch. ``equal=False`` drops nothing but hands
+out whole blocks, so row (and batch) counts differ between ranks, and DeepSpeed's lock-step
+data parallelism deadlocks when one rank stops early.
+
+So :class:`ExactlyOnceDataConfig` appends ``(-rows) % world_size`` **padding rows** to each
+split dataset before the ``equal=True`` split (row counts come from ``dataset.json``, so
+nothing is executed on the driver). The total is then a multiple of the world size, the
+splitter drops nothing, and every rank gets exactly ``ceil(rows / world_size)`` rows and
+therefore the same number of batches (with the same ``batch_size`` and ``drop_last``).
+
+Padding-row contract (losses and metrics must ignore such rows): ``user == -1``, ``seq``
+all zeros (``PAD_ID``) and ``label == -1``. At most ``world_size - 1`` of them per epoch.
+
+Sequences are left-padded with 0 and truncated to the most recent ``seq_len`` items by
+:func:`pad_sequences`, shared by the Ray collate function and the Ray-free readers.
+
+Example (driver and worker)::
+
+    datasets = {"train": read_split(info, "clicks", "train")}
+    trainer = TorchTrainer(loop, datasets=datasets,
+                           dataset_config=ExactlyOnceDataConfig.for_splits(info, "clicks", ["train"]),
+                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}))
+    # in loop:
+    for batch in iter_torch_batches(ray.train.get_dataset_shard("train"), batch_size=256,
+                                    seq_len=100, with_label=True):
+        real = batch["user"] >= 0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+import ray.data
+from ray.data.collate_fn import ArrowBatchCollateFn
+from ray.train import DataConfig
+
+from conure_dist.data.format import PAD_ID, PAD_LABEL, PAD_USER, DatasetInfo
+
+
+# --- padding, shared by every reader ------------------------------------------------------
+
+
+def pad_sequences(seq: pa.Array | pa.ChunkedArray, seq_len: int) -> np.ndarray:
+    """``[rows, seq_len]`` int64, left-padded with 0, keeping the most recent ``seq_len`` items."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if isinstance(seq, pa.ChunkedArray):
+        seq = seq.combine_chunks() if seq.num_chunks else pa.array([], seq.type)
+    offsets = seq.offsets.to_numpy().astype(np.int64)  # absolute into .values, also when sliced
+    values = seq.values.to_numpy(zero_copy_only=False)
+    rows = len(seq)
+    out = np.full((rows, seq_len), PAD_ID, dtype=np.int64)
+    ends = offsets[1:]
+    take = np.minimum(ends - offsets[:-1], seq_len)
+    total = int(take.sum())
+    if total:
+        row = np.repeat(np.arange(rows), take)
+        pos = np.arange(total) - np.repeat(np.cumsum(take) - take, take)  # 0.. within each row
+        src = np.repeat(ends - take, take) + pos
+        col = seq_len - np.repeat(take, take) + pos
+        out[row, col] = values[src]
+    return out
+
+
+def table_to_numpy(table: pa.Table, seq_len: int, with_label: bool) -> dict[str, np.ndarray]:
+    """One batch as int64 numpy arrays: ``user`` [B], ``seq`` [B, seq_len], ``label`` [B]."""
+    # copies: Arrow buffers are read-only and torch.from_numpy wants writable arrays
+    batch = {"user": table.column("user").to_numpy().astype(np.int64),
+             "seq": pad_sequences(table.column("seq"), seq_len)}
+    if with_label:
+        batch["label"] = table.column("label").to_numpy().astype(np.int64)
+    return batch
+
+
+def table_to_tensors(table: pa.Table, seq_len: int, with_label: bool) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v) for k, v in table_to_numpy(table, seq_len, with_label).items()}
+
+
+class PaddedBatchCollate(ArrowBatchCollateFn):
+    """Ray collate function: variable-length ``seq`` lists -> fixed ``[B, seq_len]`` tensors."""
+
+    def __init__(self, seq_len: int, with_label: bool) -> None:
+        super().__init__()
+        self.seq_len = seq_len
+        self.with_label = with_label
+
+    def __call__(self, batch: pa.Table) -> dict[str, torch.Tensor]:
+        return table_to_tensors(batch, self.seq_len, self.with_label)
+
+
+# --- Ray-free reading (evaluation in one process, tests) ----------------------------------
+
+
+def read_split_table(info: DatasetInfo, task: str, split: str) -> pa.Table:
+    """The whole split as one Arrow table, shards in order."""
+    return pa.concat_tables([pq.read_table(f) for f in info.split_files(task, split)])
+
+
+def load_split_batches(info: DatasetInfo, task: str, split: str, batch_size: int, seq_len: int,
+                       ) -> list[dict[str, torch.Tensor]]:
+    """All batches of one split in file order, without Ray (labels included for item/class tasks)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    table = read_split_table(info, task, split)
+    with_label = info.task(task).has_label
+    return [table_to_tensors(table.slice(start, batch_size), seq_len, with_label)
+            for start in range(0, table.num_rows, batch_size)]
+
+
+# --- Ray Data -----------------------------------------------------------------------------
+
+
+def read_split(info: DatasetInfo, task: str, split: str) -> ray.data.Dataset:
+    """A streaming Ray Dataset over one task split (nothing is read until it is iterated)."""
+    return ray.data.read_parquet(info.split_files(task, split))
+
+
+def iter_torch_batches(data_iterator, *, batch_size: int, seq_len: int, with_label: bool,
+                       local_shuffle_buffer_size: int | None = None, drop_last: bool = False,
+                       ) -> Iterator[dict[str, torch.Tensor]]:
+    """Padded int64 batches from a ``ray.train.get_dataset_shard(...)`` iterator or a Dataset.
+
+    Yields ``user`` [B], ``seq`` [B, seq_len] and, with ``with_label``, ``label`` [B]. Rows with
+    ``user == -1`` are padding (see the module docstring).
+    """
+    return iter(data_iterator.iter_torch_batches(
+        batch_size=batch_size, collate_fn=PaddedBatchCollate(seq_len, with_label), drop_last=drop_last,
+        local_shuffle_buffer_size=local_shuffle_buffer_size))
+
+
+@dataclass(frozen=True)
+class SplitSize:
+    """What the data config needs to pad one dataset: its row count and Parquet schema."""
+
+    rows: int
+    schema: pa.Schema
+
+
+def padding_table(schema: pa.Schema, rows: int) -> pa.Table:
+    """``rows`` padding rows in ``schema``: user -1, empty seq (all zeros once padded), label -1."""
+    columns = {"user": pa.array([PAD_USER] * rows, pa.int64()),
+               "seq": pa.array([[]] * rows, schema.field("seq").type)}
+    if "label" in schema.names:
+        columns["label"] = pa.array([PAD_LABEL] * rows, pa.int32())
+    return pa.table(columns).cast(schema)
+
+
+class ExactlyOnceDataConfig(DataConfig):
+    """``DataConfig`` that pads split datasets to a multiple of the world size before the
+    equal split, so each row reaches exactly one rank per epoch and all ranks run equal steps.
+
+    Every dataset that is split must have a :class:`SplitSize`; build them with
+    :meth:`for_splits`.
+    """
+
+    def __init__(self, sizes: Mapping[str, SplitSize], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._sizes = dict(sizes)
+
+    @classmethod
+    def for_splits(cls, info: DatasetInfo, task: str, splits: Sequence[str] | Mapping[str, str],
+                   **kwargs) -> "ExactlyOnceDataConfig":
+        """Sizes from ``dataset.json``; ``splits`` maps dataset name -> split (a list: same names)."""
+        names = dict(splits) if isinstance(splits, Mapping) else {s: s for s in splits}
+        t = info.task(task)
+        sizes = {name: SplitSize(t.counts[split], pq.read_schema(info.split_files(task, split)[0]))
+                 for name, split in names.items()}
+        return cls(sizes, datasets_to_split=list(names), **kwargs)
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        to_split = set(datasets) if self._datasets_to_split == "all" else set(self._datasets_to_split)
+        padded = {}
+        for name, ds in datasets.items():
+            if name in to_split and name not in self._sizes:
+                raise ValueError(f"ExactlyOnceDataConfig: no SplitSize for split dataset {name!r}")
+            missing = (-self._sizes[name].rows) % world_size if name in to_split else 0
+            if missing:
+                pad = ray.data.from_arrow(padding_table(self._sizes[name].schema, missing))
+                ds = ds.union(pad)
+            padded[name] = ds
+        return super().configure(padded, world_size, worker_handles, worker_node_ids, **kwargs)
