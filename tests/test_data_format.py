@@ -141,6 +141,10 @@ def test_pad_sequences_left_pads_and_keeps_most_recent():
     chunked = pa.chunked_array([seq.slice(0, 2), seq.slice(2)])
     assert pad_sequences(chunked, 5).tolist()[0] == [1, 2, 3, 4, 5]
     assert pad_sequences(chunked, 5).dtype == np.int64
+    equal = pa.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]], pa.list_(pa.int32()))  # the equal-length fast path
+    assert pad_sequences(equal.slice(1), 2).tolist() == [[5, 6], [8, 9]]
+    assert pad_sequences(equal, 3).tolist() == [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert pad_sequences(equal, 4).tolist() == [[0, 1, 2, 3], [0, 4, 5, 6], [0, 7, 8, 9]]
 
 
 def test_padding_rows_follow_the_contract():
