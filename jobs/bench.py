@@ -1,0 +1,170 @@
+"""Benchmarks, one subcommand each. Not timed tests: run by hand, numbers go to BENCHMARKS.md.
+
+``pipeline``: rows/s of the Ray Data pipeline (read -> exactly-once split -> padded torch
+batches) into 1 and 2 Ray Train workers, against reading the same Parquet files with
+pyarrow in one process (raw, and with the same padding to tensors).
+
+    python jobs/bench.py pipeline --data /tmp/conure-bench/ttl-small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import pyarrow
+import pyarrow.parquet as pq
+
+
+@dataclass(frozen=True)
+class Measurement:
+    reader: str
+    workers: int
+    epoch: int
+    rows: int
+    seconds: float
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds
+
+
+def _files(info, task: str) -> list[str]:
+    return [f for split in ("train", "validation", "test") for f in info.split_files(task, split)]
+
+
+def bench_pyarrow(files: list[str], batch_size: int, seq_len: int | None, epochs: int) -> list[Measurement]:
+    """One process, file after file, ``iter_batches``; with ``seq_len``, padded to tensors too."""
+    from conure_dist.data.pipeline import table_to_tensors
+    import pyarrow as pa
+
+    out = []
+    for epoch in range(epochs):
+        start, rows = time.perf_counter(), 0
+        for f in files:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
+                if seq_len is not None:
+                    table_to_tensors(pa.Table.from_batches([batch]), seq_len, with_label=False)
+                rows += batch.num_rows
+        out.append(Measurement("pyarrow+pad" if seq_len else "pyarrow", 1, epoch, rows, time.perf_counter() - start))
+    return out
+
+
+def bench_ray(info, task: str, files: list[str], workers: int, batch_size: int, seq_len: int,
+              epochs: int) -> list[Measurement]:
+    """A TorchTrainer whose loop only iterates the shard; per epoch: all rows / slowest worker."""
+    import ray
+    import ray.train
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from conure_dist.data.pipeline import ExactlyOnceDataConfig, SplitSize, iter_torch_batches
+
+    results = tempfile.mkdtemp(prefix="bench-")
+
+    def loop(config):
+        shard = ray.train.get_dataset_shard("rows")
+        times = []
+        for _ in range(config["epochs"]):
+            start, rows = time.perf_counter(), 0
+            for batch in iter_torch_batches(shard, batch_size=config["batch_size"], seq_len=config["seq_len"],
+                                            with_label=False):
+                rows += int((batch["user"] >= 0).sum())
+            times.append((rows, time.perf_counter() - start))
+        with open(os.path.join(config["results"], f"{ray.train.get_context().get_world_rank()}.json"), "w") as f:
+            json.dump(times, f)
+
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    config = ExactlyOnceDataConfig({"rows": SplitSize(rows, pq.read_schema(files[0]))}, datasets_to_split=["rows"])
+    TorchTrainer(loop, train_loop_config={"epochs": epochs, "batch_size": batch_size, "seq_len": seq_len,
+                                          "results": results},
+                 datasets={"rows": ray.data.read_parquet(files)}, dataset_config=config,
+                 scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
+                 run_config=RunConfig(name=f"bench-{workers}", storage_path=tempfile.mkdtemp(prefix="bench-"),
+                                      logging_config=ray.train.LoggingConfig(log_level="WARNING"))).fit()
+    per_rank = [json.load(open(os.path.join(results, f"{r}.json"))) for r in range(workers)]
+    out = []
+    for epoch in range(epochs):
+        total = sum(rank[epoch][0] for rank in per_rank)
+        if total != rows:
+            raise RuntimeError(f"epoch {epoch}: workers saw {total} rows, expected {rows}")
+        out.append(Measurement("ray", workers, epoch, total, max(rank[epoch][1] for rank in per_rank)))
+    return out
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    from conure_dist.data.format import load_dataset_info
+    from conure_dist.data.synthetic import prepare_synthetic
+
+    if not os.path.exists(os.path.join(args.data, "dataset.json")):
+        print(f"generating preset {args.preset} into {args.data} ...", flush=True)
+        start = time.perf_counter()
+        prepare_synthetic(args.preset, args.data, seed=0)
+        print(f"  generated in {time.perf_counter() - start:.0f} s", flush=True)
+    info = load_dataset_info(args.data)
+    files = _files(info, args.task)
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    print(f"{rows} rows of task {args.task!r} in {len(files)} files, batch {args.batch_size}, "
+          f"seq_len {args.seq_len}, {args.epochs} epochs", flush=True)
+
+    results = bench_pyarrow(files, args.batch_size, None, args.epochs)
+    results += bench_pyarrow(files, args.batch_size, args.seq_len, args.epochs)
+    import ray
+
+    ray.init(num_cpus=args.num_cpus, logging_level=logging.WARNING)
+    try:
+        for workers in args.workers:
+            results += bench_ray(info, args.task, files, workers, args.batch_size, args.seq_len, args.epochs)
+    finally:
+        ray.shutdown()
+
+    # baseline: the best pyarrow epoch (the later epochs read from the page cache, like Ray's)
+    base = max(m.rows_per_s for m in results if m.reader == "pyarrow")
+    print(f"\nmachine: {platform.node()} {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+          f"ray {ray.__version__}, pyarrow {pyarrow.__version__}")
+    print("| reader | workers | epoch | rows | seconds | rows/s | vs pyarrow |")
+    print("|---|---|---|---|---|---|---|")
+    for m in results:
+        print(f"| {m.reader} | {m.workers} | {m.epoch + 1} | {m.rows} | {m.seconds:.1f} | "
+              f"{m.rows_per_s:,.0f} | {m.rows_per_s / base:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(m) | {"rows_per_s": m.rows_per_s} for m in results], f, indent=1)
+    return 0
+
+
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="bench", required=True)
+    p = sub.add_parser("pipeline", help="Ray Data pipeline rows/s vs pyarrow")
+    p.add_argument("--data", default="/tmp/conure-bench/ttl-small",
+                   help="prepared dataset; generated from --preset if missing (default outside the repo)")
+    p.add_argument("--preset", default="ttl-small", help="synthetic preset to generate (default ttl-small)")
+    p.add_argument("--task", default="pretrain", help="task whose rows (all splits) are read")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    p.add_argument("--json", default=None, help="also write the measurements here")
+    p.set_defaults(func=run_pipeline)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
