@@ -160,6 +160,9 @@ class ClusterConfig:
     max_failures: int = 1  # worker failures retried from the last checkpoint, per stage
     checkpoint_every_steps: int = 0  # 0: at each epoch end only
     log_every_steps: int = 50
+    # Splits smaller than this (uncompressed) are read once into Ray's object store and reused
+    # by every epoch and stage; larger ones stream from Parquet each epoch.
+    cache_splits_below_bytes: int = 256 * 2**20
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 1, "cluster.num_workers", "must be >= 1")
@@ -172,6 +175,7 @@ class ClusterConfig:
         _require(self.max_failures >= 0, "cluster.max_failures", "must be >= 0")
         _require(self.checkpoint_every_steps >= 0, "cluster.checkpoint_every_steps", "must be >= 0")
         _require(self.log_every_steps >= 1, "cluster.log_every_steps", "must be >= 1")
+        _require(self.cache_splits_below_bytes >= 0, "cluster.cache_splits_below_bytes", "must be >= 0")
 
     @property
     def resolved_precision(self) -> str:
@@ -181,7 +185,7 @@ class ClusterConfig:
 
 
 # Options that may differ when a run is resumed (they do not change what is computed).
-RESUMABLE_OPTIONS = ("max_failures", "log_every_steps")
+RESUMABLE_OPTIONS = ("max_failures", "log_every_steps", "cache_splits_below_bytes")
 
 
 @dataclass(frozen=True)

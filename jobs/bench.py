@@ -5,6 +5,12 @@ batches) into 1 and 2 Ray Train workers, against reading the same Parquet files 
 pyarrow in one process (raw, and with the same padding to tensors).
 
     python jobs/bench.py pipeline --data /tmp/conure-bench/ttl-small
+
+``masks``: the cost of the owner-map masks in the forward pass: the paper's TTL backbone
+(f = 256, dilations 4x{1,2,4,8}, batch 32 x 100) with masking off against the same model in
+a masked view (T2 train: T1 owns 30 %, the rest trainable), same batch, interleaved repeats.
+
+    python jobs/bench.py masks
 """
 
 from __future__ import annotations
@@ -143,6 +149,66 @@ def run_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_masks(args: argparse.Namespace) -> int:
+    """Median time of forward (no grad) and forward+backward, unmasked vs masked."""
+    import statistics
+
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from conure_dist.config import ModelConfig, TaskSpec
+    from conure_dist.model import ConureModel, Stage
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cfg = ModelConfig(num_items=args.num_items, embed_dim=args.embed_dim, dilations=(1, 2, 4, 8) * args.repeat_dilations,
+                      backbone=args.backbone, max_seq_len=args.seq_len)
+    tasks = [TaskSpec("t1", "sequence"), TaskSpec("t2", "item", num_labels=100)]
+    model = ConureModel(cfg, tasks).to(device)
+    owners = model.new_owner_map().prune({n: w for n, w in model.weights().items()}, 1, 0.7)
+    seq = torch.randint(1, args.num_items + 1, (args.batch_size, args.seq_len), device=device)
+
+    def views():
+        yield "unmasked", lambda: model.set_view(None, "t2", Stage.TRAIN)
+        yield "masked", lambda: model.set_view(owners, "t2", Stage.TRAIN)
+
+    def run_once(train: bool) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        if train:
+            model.hidden(seq).sum().backward()
+        else:
+            with torch.no_grad():
+                model.hidden(seq)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    results = {}
+    for train in (False, True):
+        times = {name: [] for name, _ in views()}
+        for _ in range(args.warmup):
+            for _, set_view in views():
+                set_view()
+                run_once(train)
+        for _ in range(args.repeats):  # interleaved, so drift hits both alike
+            for name, set_view in views():
+                set_view()
+                model.zero_grad(set_to_none=True)
+                times[name].append(run_once(train))
+        mode = "forward+backward" if train else "forward"
+        med = {name: statistics.median(v) for name, v in times.items()}
+        results[mode] = med
+        print(f"{mode:17s} unmasked {1e3 * med['unmasked']:8.2f} ms   masked {1e3 * med['masked']:8.2f} ms   "
+              f"masked/unmasked {med['masked'] / med['unmasked']:.3f}")
+    print(f"config: {args.backbone} f={args.embed_dim} layers={4 * args.repeat_dilations} batch={args.batch_size} "
+          f"seq={args.seq_len} device={device} threads={torch.get_num_threads()} repeats={args.repeats} (median)")
+    return 0
+
+
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -158,6 +224,18 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-cpus", type=int, default=os.cpu_count())
     p.add_argument("--json", default=None, help="also write the measurements here")
     p.set_defaults(func=run_pipeline)
+    m = sub.add_parser("masks", help="forward-pass overhead of the owner-map masks")
+    m.add_argument("--backbone", default="nextitnet", choices=["nextitnet", "transformer"])
+    m.add_argument("--embed-dim", type=int, default=256)
+    m.add_argument("--repeat-dilations", type=int, default=4, help="4: the TTL 16 conv layers; 6: ML's 24")
+    m.add_argument("--batch-size", type=int, default=32)
+    m.add_argument("--seq-len", type=int, default=100)
+    m.add_argument("--num-items", type=int, default=10_000)
+    m.add_argument("--repeats", type=int, default=30)
+    m.add_argument("--warmup", type=int, default=3)
+    m.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    m.add_argument("--device", default="cpu")
+    m.set_defaults(func=run_masks)
     return parser.parse_args(argv)
 
 

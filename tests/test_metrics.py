@@ -25,3 +25,19 @@ def test_ranks_and_topk_metrics_against_hand_values():
 def test_accuracy():
     logits = torch.tensor([[0.1, 0.9], [2.0, 1.0], [0.0, 1.0]])
     assert accuracy(logits, torch.tensor([1, 1, 1])) == pytest.approx(2 / 3)
+
+
+def test_metric_counts_add_up_exactly_whatever_the_split():
+    from conure_dist.eval.evaluate import MetricSums
+
+    ranks = torch.tensor([2, 1, 4, 1, 7, 3])
+    whole = MetricSums("ranking", 5)
+    whole.add_ranks(ranks)
+    a, b = MetricSums("ranking", 5), MetricSums("ranking", 5)
+    a.add_ranks(ranks[:2])
+    b.add_ranks(ranks[2:])
+    merged = a.from_tensor(a.as_tensor() + b.as_tensor())
+    assert merged.result() == whole.result()
+    assert whole.result()["mrr@5"] == pytest.approx(mrr_at_k(ranks, 5))
+    assert whole.result()["hr@5"] == pytest.approx(hr_at_k(ranks, 5))
+    assert whole.result()["ndcg@5"] == pytest.approx(mean_ndcg_at_k(ranks, 5))

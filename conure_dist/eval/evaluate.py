@@ -1,10 +1,12 @@
 """Evaluate one task of a model on batches, by full ranking (no sampled candidates).
 
-Results are kept as sums and counts (:class:`MetricSums`) so that data-parallel workers can
-add theirs up before dividing.
+Results are kept as integer counts (:class:`MetricSums`) so that data-parallel workers can
+add theirs up exactly before dividing.
 """
 
 from __future__ import annotations
+
+import math
 
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
@@ -12,7 +14,7 @@ from typing import Iterable, Mapping
 import torch
 
 from conure_dist.config import TaskSpec
-from conure_dist.eval.metrics import hit_at_k, ndcg_at_k, reciprocal_rank_at_k, target_ranks
+from conure_dist.eval.metrics import target_ranks
 from conure_dist.model import ConureModel
 
 
@@ -27,38 +29,55 @@ def main_metric(task: TaskSpec, k: int = 5) -> str:
 
 @dataclass
 class MetricSums:
-    """Per-metric sums over rows, and the row count."""
+    """Integer counts from which every metric follows: how many targets ranked 1, 2, ..., k
+    (ranking tasks) or were classified correctly (class tasks), out of ``count`` rows.
 
-    names: tuple[str, ...]
-    sums: list[float] = field(default_factory=list)
+    Counts add up exactly, so the metrics do not depend on how rows were spread over workers
+    or batches, nor on the order in which workers' results are added.
+    """
+
+    kind: str  # "ranking" | "class"
+    k: int
+    hits: list[int] = field(default_factory=list)  # ranking: hits[r - 1] = targets at rank r <= k; class: [correct]
     count: int = 0
 
     def __post_init__(self) -> None:
-        if not self.sums:
-            self.sums = [0.0] * len(self.names)
+        if not self.hits:
+            self.hits = [0] * (self.k if self.kind == "ranking" else 1)
 
-    def add(self, values: Iterable[torch.Tensor]) -> None:
-        for i, v in enumerate(values):
-            self.sums[i] += float(v.sum())
-            if i == 0:
-                self.count += v.numel()
+    def add_ranks(self, ranks: torch.Tensor) -> None:
+        counts = torch.bincount(ranks[ranks <= self.k].long(), minlength=self.k + 1)[1:]
+        self.hits = [h + int(c) for h, c in zip(self.hits, counts)]
+        self.count += ranks.numel()
+
+    def add_correct(self, correct: torch.Tensor) -> None:
+        self.hits[0] += int(correct.sum())
+        self.count += correct.numel()
 
     def as_tensor(self) -> torch.Tensor:
-        return torch.tensor([*self.sums, float(self.count)], dtype=torch.float64)
+        return torch.tensor([*self.hits, self.count], dtype=torch.int64)
 
-    @classmethod
-    def from_tensor(cls, names: tuple[str, ...], t: torch.Tensor) -> "MetricSums":
-        return cls(names, [float(x) for x in t[:-1]], int(t[-1]))
+    def from_tensor(self, t: torch.Tensor) -> "MetricSums":
+        return MetricSums(self.kind, self.k, [int(x) for x in t[:-1]], int(t[-1]))
 
     def result(self) -> dict[str, float]:
-        out = {n: (s / self.count if self.count else 0.0) for n, s in zip(self.names, self.sums)}
-        out["count"] = float(self.count)
+        n = self.count
+        if self.kind == "class":
+            out = {"accuracy": self.hits[0] / n if n else 0.0}
+        else:
+            ranks = range(1, self.k + 1)
+            out = {
+                f"mrr@{self.k}": sum(h / r for h, r in zip(self.hits, ranks)) / n if n else 0.0,
+                f"hr@{self.k}": sum(self.hits) / n if n else 0.0,
+                f"ndcg@{self.k}": sum(h / math.log2(r + 1) for h, r in zip(self.hits, ranks)) / n if n else 0.0,
+            }
+        out["count"] = float(n)
         return out
 
 
 @torch.no_grad()
-def score_batch(model: ConureModel, task: TaskSpec, batch: Mapping[str, torch.Tensor], k: int) -> list[torch.Tensor]:
-    """Per-row metric values of one batch (padding rows dropped)."""
+def score_batch(model: ConureModel, task: TaskSpec, batch: Mapping[str, torch.Tensor], sums: MetricSums) -> None:
+    """Add one batch to ``sums`` (padding rows dropped)."""
     seq = batch["seq"]
     head = model.heads[task.name]
     if task.kind == "sequence":
@@ -67,29 +86,29 @@ def score_batch(model: ConureModel, task: TaskSpec, batch: Mapping[str, torch.Te
         h = model.hidden(inputs[valid])[:, -1]
         scores = head(h).float()
         scores[:, 0] = float("-inf")  # padding is not an item
-        ranks = target_ranks(scores, targets[valid])
+        sums.add_ranks(target_ranks(scores, targets[valid]))
+        return
+    valid = batch["label"] >= 0
+    labels = batch["label"][valid]
+    scores = head(model.user_representation(seq[valid])).float()
+    if task.kind == "class":
+        sums.add_correct(scores.argmax(dim=1) == labels)
     else:
-        valid = batch["label"] >= 0
-        labels = batch["label"][valid]
-        scores = head(model.user_representation(seq[valid])).float()
-        if task.kind == "class":
-            return [(scores.argmax(dim=1) == labels).double()]
-        ranks = target_ranks(scores, labels)
-    return [reciprocal_rank_at_k(ranks, k), hit_at_k(ranks, k), ndcg_at_k(ranks, k)]
+        sums.add_ranks(target_ranks(scores, labels))
 
 
 def evaluate_sums(
     model: ConureModel, task: TaskSpec, batches: Iterable[Mapping[str, torch.Tensor]], k: int = 5,
     device: torch.device | str | None = None,
 ) -> MetricSums:
-    sums = MetricSums(metric_names(task, k))
+    sums = MetricSums("class" if task.kind == "class" else "ranking", k)
     was_training = model.training
     model.eval()
     try:
         for batch in batches:
             if device is not None:
                 batch = {key: v.to(device) for key, v in batch.items()}
-            sums.add(score_batch(model, task, batch, k))
+            score_batch(model, task, batch, sums)
     finally:
         model.train(was_training)
     return sums

@@ -41,6 +41,7 @@ class RayExecutor:
         self.exp, self.rundir, self.manifest = exp, rundir, manifest
         self.info = load_dataset_info(exp.dataset)
         self.fail_once_at_step = fail_once_at_step or {}
+        self._datasets: dict[tuple[str, str], Any] = {}
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -53,7 +54,7 @@ class RayExecutor:
         import ray.train
         from ray.train.torch import TorchTrainer
 
-        from conure_dist.data.pipeline import ExactlyOnceDataConfig, SplitSize, read_split
+        from conure_dist.data.pipeline import ExactlyOnceDataConfig, SplitSize
 
         c = self.exp.cluster
         resources = {"CPU": c.cpus_per_worker}
@@ -65,7 +66,7 @@ class RayExecutor:
             fn,
             train_loop_config=loop_config,
             scaling_config=ray.train.ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources),
-            datasets={n: read_split(self.info, task, split) for n, (task, split) in datasets.items()},
+            datasets={n: self._dataset(task, split) for n, (task, split) in datasets.items()},
             dataset_config=ExactlyOnceDataConfig(
                 {n: SplitSize(self.info.task(task).counts[split], pq.read_schema(self.info.split_files(task, split)[0]))
                  for n, (task, split) in datasets.items()},
@@ -79,6 +80,24 @@ class RayExecutor:
                 worker_runtime_env={"env_vars": _worker_env()},
             ),
         )
+
+    def _dataset(self, task: str, split: str):
+        """The Ray Dataset of a split: streamed from Parquet, or, when small, read once into the
+        object store (Ray Data's per-epoch start-up dominates small splits)."""
+        import pyarrow.parquet as pq
+
+        from conure_dist.data.pipeline import read_split
+
+        key = (task, split)
+        if key not in self._datasets:
+            ds = read_split(self.info, task, split)
+            files = self.info.split_files(task, split)
+            size = sum(pq.ParquetFile(f).metadata.row_group(i).total_byte_size
+                       for f in files for i in range(pq.ParquetFile(f).metadata.num_row_groups))
+            if size < self.exp.cluster.cache_splits_below_bytes:
+                ds = ds.materialize()
+            self._datasets[key] = ds
+        return self._datasets[key]
 
     def _loop_config(self, key: str, weights: Weights, owners: OwnerMap | None) -> dict[str, Any]:
         self.rundir.write_tensors(f"stages/{key}/weights.safetensors", weights)
@@ -255,7 +274,8 @@ def _save_state(manifest: Manifest, state: RunState, tag: str) -> None:
     manifest.data["ledger"] = state.ledger.to_dict()
     manifest.data["accuracy"] = state.accuracy
     manifest.save()
-    if old.get("weights") and old["weights"] != weights_file:
+    # Committed versions stay (each task can be served as of its commit); others are replaced.
+    if old.get("weights") and old["weights"] != weights_file and not old["weights"].endswith("-commit.safetensors"):
         rundir.delete(old["weights"])
 
 

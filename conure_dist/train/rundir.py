@@ -3,8 +3,9 @@
 Layout::
 
     manifest.json                  config, task list, ledger, per-stage status/metrics/timings
-    state/weights-<n>.safetensors  committed weights after step n of the plan (latest two kept)
-    state/owners-<n>.safetensors   owner map version n
+    state/weights-<step>.safetensors  weights after the latest step of the plan, and after
+                                   each commit (``<task>-commit``)
+    state/owners-v<n>.safetensors  owner map version n (one per prune)
     stages/<task>-<step>/          inputs of a training stage (weights, owner map)
     ray/                           Ray Train storage (per-stage checkpoints)
     reports/accuracy_matrix.csv    after_task,task,metric,value

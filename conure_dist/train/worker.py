@@ -55,7 +55,7 @@ def _allreduce_sums(sums: MetricSums, device: torch.device) -> MetricSums:
     t = sums.as_tensor().to(device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
-    return MetricSums.from_tensor(sums.names, t.cpu())
+    return sums.from_tensor(t.cpu())
 
 
 def _log(line: str) -> None:
@@ -69,6 +69,7 @@ def stage_worker(config: dict[str, Any]) -> None:
 
     from conure_dist.data.pipeline import iter_torch_batches
 
+    entered = time.time()
     exp, rundir, device, rank, world = _setup(config)
     plan = exp.task(config["task"])
     spec, train = plan.spec, plan.train
@@ -80,6 +81,9 @@ def stage_worker(config: dict[str, Any]) -> None:
     micro_batch = max(1, math.ceil(train.batch_size / world))
     stepper = DeepSpeedStepper(model, train, EngineSettings(exp.cluster.zero_stage, exp.cluster.resolved_precision, micro_batch))
 
+    if rank == 0:
+        _log(f"[{spec.name}/{stage.value}] {world} workers started {entered - config['fit_started']:.1f}s after fit(); "
+             f"model and DeepSpeed engine ready in {time.time() - entered:.1f}s")
     progress, best = StageProgress(), None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:

@@ -1,0 +1,169 @@
+"""End to end through the real path: Parquet -> Ray Data -> Ray Train -> DeepSpeed -> coordinator.
+
+Small sizes, real components. Each stage is one TorchTrainer.fit() with two workers.
+"""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conure_dist.config import ClusterConfig, ExperimentConfig, ModelConfig, TaskPlan, TaskSpec, TrainConfig
+from conure_dist.data.synthetic import SyntheticConfig, prepare_synthetic
+from conure_dist.model import ConureModel, OwnerMap
+from conure_dist.serve.predict import task_outputs
+from conure_dist.train.rundir import RunDir
+
+pytestmark = pytest.mark.slow
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = SyntheticConfig(num_users=400, num_items=60, seq_len=10, min_seq_len=3, num_topics=4, click_labels=20,
+                       like_labels=12, rows_per_shard=120)
+ENV = {
+    "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "30",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "DS_ACCELERATOR": "cpu",
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("data") / "tiny")
+    prepare_synthetic(TINY, path, seed=3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    import ray
+
+    old = {k: os.environ.get(k) for k in [*ENV, "RAY_TMPDIR"]}
+    os.environ.update(ENV)
+    os.environ["RAY_TMPDIR"] = str(tmp_path_factory.mktemp("ray"))
+    ray.init(num_cpus=2, logging_level=logging.WARNING, include_dashboard=False)
+    yield
+    ray.shutdown()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def experiment(dataset, tasks=("pretrain", "click", "age")):
+    from conure_dist.data.format import load_dataset_info
+
+    info = load_dataset_info(dataset)
+    train = TrainConfig(lr=5e-3, optimizer="adamw", weight_decay=0.01, l2=1e-4, batch_size=64, epochs=2,
+                        retrain_epochs=1, patience=2, sample_ratio=0.5)
+    ratios = {"pretrain": 0.7, "click": 0.8, "age": 0.6, "like": 0.8}
+    plans = tuple(TaskPlan(TaskSpec(n, info.task(n).kind, num_labels=info.task(n).num_labels if n != "pretrain" else 0,
+                                    prune_ratio=ratios[n]), train) for n in tasks)
+    return ExperimentConfig(dataset=dataset, model=ModelConfig(num_items=info.num_items, embed_dim=16, dilations=(1, 2, 1, 2)),
+                            tasks=plans, seq_len=10, cluster=ClusterConfig(num_workers=2, checkpoint_every_steps=2, log_every_steps=5))
+
+
+def serve(exp, rundir, weights_file, task, seq):
+    model = ConureModel(exp.model, [t.spec for t in exp.tasks])
+    manifest = rundir.read_json("manifest.json")
+    owners = OwnerMap.from_state_dict(rundir.read_tensors(manifest["state"]["owners"]))
+    return task_outputs(model, rundir.read_tensors(weights_file), owners, task, seq)
+
+
+def test_three_tasks_two_workers_no_forgetting_and_worker_retry(dataset, ray_cluster, tmp_path):
+    from conure_dist.train.coordinator import run_experiment
+
+    exp = experiment(dataset)
+    run = run_experiment(exp, str(tmp_path / "run"), fail_once_at_step={"click-train": 3})
+    rundir = RunDir(str(tmp_path / "run"))
+    manifest = rundir.read_json("manifest.json")
+    # Manifest complete: every step of every task done exactly once, in the plan's order.
+    assert manifest["ledger"] == {"pretrain": "commit", "click": "commit", "age": "commit"}
+    for task in ("pretrain", "click", "age"):
+        for step in ("train", "prune", "retrain", "commit"):
+            s = manifest["stages"][f"{task}/{step}"]
+            assert s["status"] == "done" and s["completions"] == 1 and s["attempts"] == 1, (task, step, s)
+        assert manifest["stages"][f"{task}/train"]["progress"]["restored_entries"] == 0
+    # The injected failure happened, and Ray Train retried the worker from its checkpoint.
+    assert manifest["stages"]["click/train"]["progress"]["epoch"] == 2
+    # Capacity as configured: 30 %, then 0.2 * 70 % = 14 %, then 0.4 * 56 % = 22.4 %.
+    cap = run.state.owners.capacity()
+    assert cap.fraction(1) == pytest.approx(0.30, abs=2e-3)
+    assert cap.fraction(2) == pytest.approx(0.14, abs=2e-3)
+    assert cap.fraction(3) == pytest.approx(0.224, abs=2e-3)
+    # Each earlier task's test metrics after the last task equal their values at commit, exactly.
+    rows = run.state.accuracy
+    for task in ("pretrain", "click"):
+        at_commit = {r["metric"]: r["value"] for r in rows if r["after_task"] == task and r["task"] == task}
+        at_end = {r["metric"]: r["value"] for r in rows if r["after_task"] == "age" and r["task"] == task}
+        assert at_commit and at_commit == at_end
+    # And serving outputs are bit for bit those of the weights committed with each task.
+    seq = torch.tensor([[0, 0, 1, 2, 3, 4, 5, 6, 7, 8], [9, 8, 7, 6, 5, 4, 3, 2, 1, 10]])
+    final = manifest["state"]["weights"]
+    for task in ("pretrain", "click"):
+        committed = serve(exp, rundir, f"state/weights-{task}-commit.safetensors", task, seq)
+        assert torch.equal(committed, serve(exp, rundir, final, task, seq))
+    csv = rundir.read_bytes("reports/accuracy_matrix.csv").decode().splitlines()
+    assert csv[0] == "after_task,task,metric,value" and len(csv) == 1 + len(rows)
+    assert os.listdir(rundir.path("tensorboard", "pretrain-train"))
+
+
+def test_killed_driver_resumes_without_repeating_completed_stages(dataset, tmp_path):
+    run_dir = str(tmp_path / "run")
+    cmd = [sys.executable, os.path.join(REPO, "jobs", "ttl.py"), "--data", dataset, "--run-dir", run_dir,
+           "--tasks", "pretrain,click", "--epochs", "3", "--retrain-epochs", "1", "--embed-dim", "16", "--seq-len", "10",
+           "--workers", "2", "--log-every", "5"]
+    env = {**os.environ, **ENV, "RAY_TMPDIR": str(tmp_path / "ray")}
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    manifest_path = os.path.join(run_dir, "manifest.json")
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended before it could be killed: {open(tmp_path / 'first.log').read()[-3000:]}")
+            if os.path.exists(manifest_path):
+                stage = json.load(open(manifest_path))["stages"].get("click/train", {})
+                if stage.get("status") == "running":
+                    time.sleep(12)  # well inside the stage's fit
+                    break
+            time.sleep(0.5)
+        else:
+            pytest.fail("click/train never started")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait()
+    first = json.load(open(manifest_path))
+    assert first["ledger"]["click"] is None  # it really was killed inside click/train
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    manifest = json.load(open(manifest_path))
+    assert manifest["ledger"] == {"pretrain": "commit", "click": "commit"}
+    for key, stage in manifest["stages"].items():
+        assert stage["status"] == "done" and stage["completions"] == 1, key
+        expected_attempts = 2 if key == "click/train" else 1
+        assert stage["attempts"] == expected_attempts, (key, stage["attempts"])
+    # Completed stages kept their finish times: nothing before click/train ran again.
+    for key in ("pretrain/train", "pretrain/prune", "pretrain/retrain", "pretrain/commit"):
+        assert manifest["stages"][key]["finished"] == first["stages"][key]["finished"]
+
+
+def test_a_run_directory_with_another_config_is_refused(dataset, tmp_path):
+    from conure_dist.train.coordinator import open_run
+    from conure_dist.train.rundir import RunDirError
+
+    exp = experiment(dataset, tasks=("pretrain", "click"))
+    open_run(exp, str(tmp_path / "run"))
+    other = ExperimentConfig(**{**exp.__dict__, "seq_len": 8})
+    with pytest.raises(RunDirError, match="different configuration"):
+        open_run(other, str(tmp_path / "run"))
+    with pytest.raises(RunDirError, match="--add-task"):
+        open_run(experiment(dataset, tasks=("pretrain", "click", "age")), str(tmp_path / "run"))
+    assert open_run(other, str(tmp_path / "run"), new_run=True).manifest.data["config"]["seq_len"] == 8
