@@ -185,7 +185,7 @@ class ClusterConfig:
 
 
 # Options that may differ when a run is resumed (they do not change what is computed).
-RESUMABLE_OPTIONS = ("max_failures", "log_every_steps", "cache_splits_below_bytes")
+RESUMABLE_OPTIONS = ("max_failures", "log_every_steps", "cache_splits_below_bytes", "cpus_per_worker", "memory_per_worker")
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--method", default="conure", choices=["conure", "sinmoall"])
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--dry-run", action="store_true", help="print the resource plan per worker and exit")
+    run.add_argument("--in-process", action="store_true",
+                     help="run every stage in this process without Ray or DeepSpeed (debugging; no run directory)")
     train = parser.add_argument_group("training")
     train.add_argument("--ratios", help="comma-separated prune ratios, one per task")
     train.add_argument("--epochs", type=int, help="train epochs of every task")
@@ -163,6 +165,8 @@ def run_job(args: argparse.Namespace, setting: Setting, dataset_dir: str) -> int
     if args.dry_run:
         print(resource_plan(exp).table())
         return 0
+    if args.in_process:
+        return run_in_process_job(exp)
     if not args.run_dir:
         raise ConfigError("--run-dir is required (where the manifest, checkpoints and reports go)")
     connect_ray()
@@ -173,6 +177,32 @@ def run_job(args: argparse.Namespace, setting: Setting, dataset_dir: str) -> int
     print(run.state.owners.capacity_table({i + 1: t.spec.name for i, t in enumerate(exp.tasks)}))
     print("accuracy matrix (main metric; rows: after committing; columns: task):")
     print(accuracy_table(run))
+    return 0
+
+
+def run_in_process_job(exp: ExperimentConfig) -> int:
+    """The same plan on one process: a torch optimizer instead of DeepSpeed, batches read with
+    pyarrow instead of Ray Data. Prints the capacity table and the accuracy matrix."""
+    from types import SimpleNamespace
+
+    from conure_dist.data.format import load_dataset_info
+    from conure_dist.data.pipeline import load_split_batches
+    from conure_dist.train.runner import TaskData, run_in_process
+
+    info = load_dataset_info(exp.dataset)
+    data = {}
+    for plan in exp.tasks:
+        name, size = plan.spec.name, plan.train.batch_size
+        splits = {s: load_split_batches(info, name, s, size, exp.seq_len) for s in ("train", "validation", "test")}
+        popularity = info.popularity(name) if plan.spec.kind != "class" else None
+        data[name] = TaskData(splits["train"], splits["validation"], splits["test"], popularity)
+    started = time.time()
+    run = run_in_process(exp.model, exp.tasks, data, method=exp.method, seed=exp.seed)
+    print(f"in-process run: {time.time() - started:.0f} s")
+    print("capacity of the backbone:")
+    print(run.state.owners.capacity_table({i + 1: t.spec.name for i, t in enumerate(exp.tasks)}))
+    print("accuracy matrix (main metric; rows: after committing; columns: task):")
+    print(accuracy_table(SimpleNamespace(exp=exp, state=run.state)))
     return 0
 
 

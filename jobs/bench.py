@@ -204,7 +204,8 @@ def run_masks(args: argparse.Namespace) -> int:
         results[mode] = med
         print(f"{mode:17s} unmasked {1e3 * med['unmasked']:8.2f} ms   masked {1e3 * med['masked']:8.2f} ms   "
               f"masked/unmasked {med['masked'] / med['unmasked']:.3f}")
-    print(f"config: {args.backbone} f={args.embed_dim} layers={4 * args.repeat_dilations} batch={args.batch_size} "
+    depth = f"conv layers={4 * args.repeat_dilations}" if args.backbone == "nextitnet" else f"blocks={cfg.transformer_blocks}"
+    print(f"config: {args.backbone} f={args.embed_dim} {depth} batch={args.batch_size} "
           f"seq={args.seq_len} device={device} threads={torch.get_num_threads()} repeats={args.repeats} (median)")
     return 0
 

@@ -115,7 +115,7 @@ def test_three_tasks_two_workers_no_forgetting_and_worker_retry(dataset, ray_clu
     assert os.listdir(rundir.path("tensorboard", "pretrain-train"))
 
 
-def test_killed_driver_resumes_without_repeating_completed_stages(dataset, tmp_path):
+def test_killed_driver_resumes_without_repeating_completed_stages_then_a_task_is_added(dataset, tmp_path):
     run_dir = str(tmp_path / "run")
     cmd = [sys.executable, os.path.join(REPO, "jobs", "ttl.py"), "--data", dataset, "--run-dir", run_dir,
            "--tasks", "pretrain,click", "--epochs", "3", "--retrain-epochs", "1", "--embed-dim", "16", "--seq-len", "10",
@@ -153,6 +153,21 @@ def test_killed_driver_resumes_without_repeating_completed_stages(dataset, tmp_p
     # Completed stages kept their finish times: nothing before click/train ran again.
     for key in ("pretrain/train", "pretrain/prune", "pretrain/retrain", "pretrain/commit"):
         assert manifest["stages"][key]["finished"] == first["stages"][key]["finished"]
+    # The continual setting: extend the committed run with one more task; only it is trained.
+    third = subprocess.run([*cmd[:cmd.index("--tasks") + 1], "pretrain,click,age", *cmd[cmd.index("--tasks") + 2:],
+                            "--add-task"], env=env, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    extended = json.load(open(manifest_path))
+    assert extended["ledger"] == {"pretrain": "commit", "click": "commit", "age": "commit"}
+    for key, stage in manifest["stages"].items():
+        assert extended["stages"][key] == stage, key  # untouched
+    assert extended["stages"]["age/train"]["attempts"] == 1
+    rows = [r for r in extended["accuracy"] if r["after_task"] == "age"]
+    assert {r["task"] for r in rows} == {"pretrain", "click", "age"}
+    for r in rows:
+        if r["task"] != "age":
+            assert r["value"] == next(x["value"] for x in extended["accuracy"]
+                                      if x["after_task"] == r["task"] and x["task"] == r["task"] and x["metric"] == r["metric"])
 
 
 def test_a_run_directory_with_another_config_is_refused(dataset, tmp_path):

@@ -84,10 +84,11 @@ def stage_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         _log(f"[{spec.name}/{stage.value}] {world} workers started {entered - config['fit_started']:.1f}s after fit(); "
              f"model and DeepSpeed engine ready in {time.time() - entered:.1f}s")
-    progress, best = StageProgress(), None
+    progress, best, finished_before = StageProgress(), None, False
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
+            finished_before = os.path.exists(os.path.join(d, RESULT_FILE))
             stepper.load(d)
             progress = StageProgress.from_dict(json.loads(open(os.path.join(d, PROGRESS_FILE)).read()))
             if os.path.exists(os.path.join(d, BEST_FILE)):
@@ -149,7 +150,7 @@ def stage_worker(config: dict[str, Any]) -> None:
                 tb.flush()
         _report(stepper, p, best_weights, rank, {"epoch": p.epoch, **{k: v for k, v in last.items()}})
 
-    if checkpoint is not None and progress.finished(epochs) and best is not None:
+    if finished_before:
         return  # the stage had finished before the driver stopped: its last checkpoint is the result
     if not progress.finished(epochs):
         progress, best = run_stage(
