@@ -136,7 +136,12 @@ def resource_plan(exp: ExperimentConfig):
 
 
 def connect_ray(num_cpus_hint: int | None = None) -> None:
-    """Join the cluster a job was submitted to, else start a local Ray with every CPU here."""
+    """Join the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it; ``RAY_ADDRESS=auto``
+    joins a ``ray start`` cluster on this machine), else start a private local Ray.
+
+    A private local Ray never joins another program's embedded Ray by accident: two runs
+    sharing one small node would each hold CPUs that the other's Ray Data tasks need.
+    """
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     import logging
@@ -147,12 +152,9 @@ def connect_ray(num_cpus_hint: int | None = None) -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
-        return
-    try:
-        ray.init(address="auto", logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError, ValueError):
-        ray.init(num_cpus=num_cpus_hint, logging_level=logging.WARNING, include_dashboard=False)
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(address="local", num_cpus=num_cpus_hint, logging_level=logging.WARNING, include_dashboard=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

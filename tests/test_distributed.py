@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -120,7 +121,9 @@ def test_killed_driver_resumes_without_repeating_completed_stages_then_a_task_is
     cmd = [sys.executable, os.path.join(REPO, "jobs", "ttl.py"), "--data", dataset, "--run-dir", run_dir,
            "--tasks", "pretrain,click", "--epochs", "3", "--retrain-epochs", "1", "--embed-dim", "16", "--seq-len", "10",
            "--workers", "2", "--log-every", "5"]
-    env = {**os.environ, **ENV, "RAY_TMPDIR": str(tmp_path / "ray")}
+    # Ray's socket paths must stay under 108 bytes: a short scratch directory for its session.
+    env = {**os.environ, **ENV, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp")}
+    env.pop("RAY_ADDRESS", None)
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     manifest_path = os.path.join(run_dir, "manifest.json")
@@ -138,7 +141,8 @@ def test_killed_driver_resumes_without_repeating_completed_stages_then_a_task_is
         else:
             pytest.fail("click/train never started")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait()
     first = json.load(open(manifest_path))
     assert first["ledger"]["click"] is None  # it really was killed inside click/train
@@ -181,4 +185,7 @@ def test_a_run_directory_with_another_config_is_refused(dataset, tmp_path):
         open_run(other, str(tmp_path / "run"))
     with pytest.raises(RunDirError, match="--add-task"):
         open_run(experiment(dataset, tasks=("pretrain", "click", "age")), str(tmp_path / "run"))
+    extended = open_run(experiment(dataset, tasks=("pretrain", "click", "age")), str(tmp_path / "run"), add_task=True)
+    assert extended.manifest.data["tasks"] == ["pretrain", "click", "age"]
+    assert "heads.age.linear.weight" in extended.state.weights  # a fresh head for the new task
     assert open_run(other, str(tmp_path / "run"), new_run=True).manifest.data["config"]["seq_len"] == 8

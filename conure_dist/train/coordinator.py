@@ -228,7 +228,8 @@ def open_run(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False, add_
                     f"{rundir.uri} was run with tasks {old}; got {names}. To extend a run with new tasks, keep the "
                     "old ones first in the same order and pass --add-task."
                 )
-            if any(json.dumps(t) != json.dumps(o) for t, o in zip(exp.to_dict()["tasks"], data["config"]["tasks"])):
+            # Compare as JSON values (the manifest stores them with sorted keys).
+            if any(json.loads(json.dumps(t)) != o for t, o in zip(exp.to_dict()["tasks"], data["config"]["tasks"])):
                 raise RunDirError(f"{rundir.uri}: the settings of the existing tasks changed; only new tasks may be added")
             data["tasks"], data["config"] = names, exp.to_dict()
         manifest = Manifest(rundir, data)
