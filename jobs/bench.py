@@ -127,7 +127,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
     results += bench_pyarrow(files, args.batch_size, args.seq_len, args.epochs)
     import ray
 
-    ray.init(num_cpus=args.num_cpus, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=args.num_cpus, logging_level=logging.WARNING)
     try:
         for workers in args.workers:
             results += bench_ray(info, args.task, files, workers, args.batch_size, args.seq_len, args.epochs)

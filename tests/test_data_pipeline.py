@@ -36,7 +36,7 @@ def ray_session(tmp_path_factory, monkeypatch):
 
     import ray
 
-    ray.init(num_cpus=2, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=2, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
 

@@ -48,7 +48,7 @@ def ray_cluster(tmp_path_factory):
     old = {k: os.environ.get(k) for k in [*ENV, "RAY_TMPDIR"]}
     os.environ.update(ENV)
     os.environ["RAY_TMPDIR"] = str(tmp_path_factory.mktemp("ray"))
-    ray.init(num_cpus=2, logging_level=logging.WARNING, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, logging_level=logging.WARNING, include_dashboard=False)
     yield
     ray.shutdown()
     for k, v in old.items():
