@@ -160,6 +160,19 @@ def connect_ray(num_cpus_hint: int | None = None) -> None:
     DataContext.get_current().enable_progress_bars = False
 
 
+def dataset_in_run_dir(args: argparse.Namespace, prepare) -> str:
+    """RUN_DIR/data, prepared by ``prepare(out_dir)`` on first use (raw inputs and --demo)."""
+    if not args.run_dir:
+        raise ConfigError("--run-dir is required (the prepared dataset is kept in RUN_DIR/data)")
+    if "://" in args.run_dir:
+        raise ConfigError("--run-dir: raw inputs are prepared on local disk; prepare them with "
+                          "`conure-dist prepare` and pass --data, or use a local --run-dir")
+    dataset = os.path.join(args.run_dir, "data")
+    if not os.path.exists(os.path.join(dataset, "dataset.json")):
+        prepare(dataset)
+    return dataset
+
+
 def run_job(args: argparse.Namespace, setting: Setting, dataset_dir: str) -> int:
     from conure_dist.train.coordinator import run_experiment
 

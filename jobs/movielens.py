@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from conure_dist.config import ConfigError, ModelConfig, TrainConfig  # noqa: E402
-from conure_dist.launch import Setting, add_run_arguments, main_guard, run_job  # noqa: E402
+from conure_dist.launch import Setting, add_run_arguments, dataset_in_run_dir, main_guard, run_job  # noqa: E402
 
 # Paper ML: f = 256, dilations 6 x {1,2,4,8}, ratios 0.7/0.8/0.7 for T1..T3. The profile tasks
 # (gender, age, occupation) continue with the TTL ratios for profile tasks.
@@ -41,13 +41,9 @@ def main(argv=None) -> int:
     args = get_args(argv)
     dataset = args.data
     if args.raw:
-        if not args.run_dir:
-            raise ConfigError("--run-dir is required (the prepared dataset is kept in RUN_DIR/data)")
-        dataset = os.path.join(args.run_dir, "data")
-        if not os.path.exists(os.path.join(dataset, "dataset.json")):
-            from conure_dist.data.movielens import prepare_movielens
+        from conure_dist.data.movielens import prepare_movielens
 
-            prepare_movielens(args.raw, dataset)
+        dataset = dataset_in_run_dir(args, lambda out: prepare_movielens(args.raw, out))
     if not dataset:
         raise ConfigError("give --data (a prepared dataset) or --raw (a MovieLens directory)")
     return run_job(args, ML, dataset)

@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from conure_dist.config import ConfigError, ModelConfig, TrainConfig  # noqa: E402
-from conure_dist.launch import Setting, add_run_arguments, main_guard, run_job  # noqa: E402
+from conure_dist.launch import Setting, add_run_arguments, dataset_in_run_dir, main_guard, run_job  # noqa: E402
 
 TTL = Setting(
     name="ttl",
@@ -51,19 +51,14 @@ def main(argv=None) -> int:
     args = get_args(argv)
     setting = DEMO if args.demo else TTL
     dataset = args.data
-    if args.demo or args.raw_ttl:
-        if not args.run_dir:
-            raise ConfigError("--run-dir is required (the prepared dataset is kept in RUN_DIR/data)")
-        dataset = os.path.join(args.run_dir, "data")
-        if not os.path.exists(os.path.join(dataset, "dataset.json")):
-            if args.demo:
-                from conure_dist.data.synthetic import prepare_synthetic
+    if args.demo:
+        from conure_dist.data.synthetic import prepare_synthetic
 
-                prepare_synthetic("demo", dataset, seed=args.seed)
-            else:
-                from conure_dist.data.ttl import prepare_ttl
+        dataset = dataset_in_run_dir(args, lambda out: prepare_synthetic("demo", out, seed=args.seed))
+    elif args.raw_ttl:
+        from conure_dist.data.ttl import prepare_ttl
 
-                prepare_ttl(args.raw_ttl, dataset)
+        dataset = dataset_in_run_dir(args, lambda out: prepare_ttl(args.raw_ttl, out))
     if not dataset:
         raise ConfigError("give --data (a prepared dataset), --raw-ttl, or --demo")
     return run_job(args, setting, dataset)
