@@ -153,6 +153,11 @@ class SplitSize:
     schema: pa.Schema
 
 
+def split_size(info: DatasetInfo, task: str, split: str) -> SplitSize:
+    """Row count (from ``dataset.json``) and schema of one task split."""
+    return SplitSize(info.task(task).counts[split], pq.read_schema(info.split_files(task, split)[0]))
+
+
 def padding_table(schema: pa.Schema, rows: int) -> pa.Table:
     """``rows`` padding rows in ``schema``: user -1, empty seq (all zeros once padded), label -1."""
     columns = {"user": pa.array([PAD_USER] * rows, pa.int64()),
@@ -179,9 +184,7 @@ class ExactlyOnceDataConfig(DataConfig):
                    **kwargs) -> "ExactlyOnceDataConfig":
         """Sizes from ``dataset.json``; ``splits`` maps dataset name -> split (a list: same names)."""
         names = dict(splits) if isinstance(splits, Mapping) else {s: s for s in splits}
-        t = info.task(task)
-        sizes = {name: SplitSize(t.counts[split], pq.read_schema(info.split_files(task, split)[0]))
-                 for name, split in names.items()}
+        sizes = {name: split_size(info, task, split) for name, split in names.items()}
         return cls(sizes, datasets_to_split=list(names), **kwargs)
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):

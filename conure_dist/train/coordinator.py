@@ -23,7 +23,7 @@ from conure_dist.config import ExperimentConfig, TaskPlan
 from conure_dist.eval.evaluate import main_metric
 from conure_dist.model import ConureModel, OwnerMap, Stage, Weights
 from conure_dist.train.machine import RunState, StageMachine
-from conure_dist.train.plan import Ledger, PlannedStep, Step, get_method
+from conure_dist.train.plan import Ledger, Step, get_method
 from conure_dist.train.rundir import FORMAT_VERSION, MANIFEST, RunDir, RunDirError, config_fingerprint, csv_text, now
 from conure_dist.train.worker import BEST_FILE, RESULT_FILE, evaluate_worker, stage_worker
 
@@ -50,11 +50,10 @@ class RayExecutor:
     # -- Ray plumbing ------------------------------------------------------------------
     def _trainer(self, fn, loop_config: dict[str, Any], datasets: dict[str, tuple[str, str]], name: str):
         """A TorchTrainer over ``datasets`` (name -> (task, split)), each split exactly once per epoch."""
-        import pyarrow.parquet as pq
         import ray.train
         from ray.train.torch import TorchTrainer
 
-        from conure_dist.data.pipeline import ExactlyOnceDataConfig, SplitSize
+        from conure_dist.data.pipeline import ExactlyOnceDataConfig, split_size
 
         c = self.exp.cluster
         resources = {"CPU": c.cpus_per_worker}
@@ -68,8 +67,7 @@ class RayExecutor:
             scaling_config=ray.train.ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources),
             datasets={n: self._dataset(task, split) for n, (task, split) in datasets.items()},
             dataset_config=ExactlyOnceDataConfig(
-                {n: SplitSize(self.info.task(task).counts[split], pq.read_schema(self.info.split_files(task, split)[0]))
-                 for n, (task, split) in datasets.items()},
+                {n: split_size(self.info, task, split) for n, (task, split) in datasets.items()},
                 datasets_to_split=list(datasets),
             ),
             run_config=ray.train.RunConfig(
@@ -91,9 +89,8 @@ class RayExecutor:
         key = (task, split)
         if key not in self._datasets:
             ds = read_split(self.info, task, split)
-            files = self.info.split_files(task, split)
-            size = sum(pq.ParquetFile(f).metadata.row_group(i).total_byte_size
-                       for f in files for i in range(pq.ParquetFile(f).metadata.num_row_groups))
+            footers = [pq.read_metadata(f) for f in self.info.split_files(task, split)]
+            size = sum(m.row_group(i).total_byte_size for m in footers for i in range(m.num_row_groups))
             if size < self.exp.cluster.cache_splits_below_bytes:
                 ds = ds.materialize()
             self._datasets[key] = ds

@@ -65,7 +65,7 @@ def _log(line: str) -> None:
 def stage_worker(config: dict[str, Any]) -> None:
     """Ray Train ``train_loop_per_worker`` of a train/retrain stage."""
     import ray.train
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from conure_dist.data.pipeline import iter_torch_batches
 
