@@ -160,8 +160,22 @@ def connect_ray(num_cpus_hint: int | None = None) -> None:
     DataContext.get_current().enable_progress_bars = False
 
 
+PATH_OPTIONS = ("run_dir", "data", "raw", "raw_ttl")
+
+
+def resolve_local_paths(args: argparse.Namespace) -> argparse.Namespace:
+    """Local path options made absolute, once, in the driver: Ray Train workers run in working
+    directories of their own, where a relative path would name another place. URIs stay."""
+    for name in PATH_OPTIONS:
+        value = getattr(args, name, None)
+        if value and "://" not in value:
+            setattr(args, name, os.path.abspath(os.path.expanduser(value)))
+    return args
+
+
 def dataset_in_run_dir(args: argparse.Namespace, prepare) -> str:
     """RUN_DIR/data, prepared by ``prepare(out_dir)`` on first use (raw inputs and --demo)."""
+    resolve_local_paths(args)
     if not args.run_dir:
         raise ConfigError("--run-dir is required (the prepared dataset is kept in RUN_DIR/data)")
     if "://" in args.run_dir:
@@ -176,6 +190,7 @@ def dataset_in_run_dir(args: argparse.Namespace, prepare) -> str:
 def run_job(args: argparse.Namespace, setting: Setting, dataset_dir: str) -> int:
     from conure_dist.train.coordinator import run_experiment
 
+    resolve_local_paths(args)
     exp = build_experiment(args, setting, dataset_dir)
     if args.dry_run:
         print(resource_plan(exp).table())
@@ -236,8 +251,12 @@ def accuracy_table(run) -> str:
 
 
 def main_guard(fn, argv: Sequence[str] | None = None) -> int:
-    """Run ``fn(argv)``; a bad option or run directory ends with a one-line message, exit 2."""
+    """Run ``fn(argv)``; a bad option or run directory ends with a one-line message, exit 2;
+    a stage that failed (non-finite loss, workers' errors after retries) with its error, exit 1."""
     from conure_dist.data.format import DatasetFormatError
+    from conure_dist.model import FrozenWeightsChanged
+    from conure_dist.train.executor import StageFailed
+    from conure_dist.train.loop import NonFiniteLoss
     from conure_dist.train.rundir import RunDirError
 
     try:
@@ -245,3 +264,6 @@ def main_guard(fn, argv: Sequence[str] | None = None) -> int:
     except (ConfigError, RunDirError, DatasetFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (StageFailed, NonFiniteLoss, FrozenWeightsChanged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

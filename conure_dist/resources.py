@@ -63,8 +63,18 @@ LAYERNORM_STATS_BYTES = 2 * FP32_BYTES
 FP32_LOGIT_COPIES = 4
 BOOL_BYTES = 1
 # Evaluation ranks against every candidate (eval/evaluate.py): scores in the module dtype, their
-# fp32 copy, and the bool comparison ``scores > target``; test batches are 4x the train batch.
+# fp32 copy, and one bool comparison (eval/metrics.py keeps one [rows, candidates] bool alive at a
+# time); test batches are 4x the train batch.
 EVAL_BATCH_FACTOR = 4
+
+# model/freeze.py's FrozenGuard: frozen tensors up to GUARD_LARGE_TENSOR_ELEMENTS keep an exact
+# copy (module dtype; masks as bool); larger ones keep two int64 checksums per chunk of
+# GUARD_CHUNK_ELEMENTS, streamed through one int64 buffer and its int64 position weights.
+# Same values as model/freeze.py (not imported: sizing must not import torch).
+GUARD_LARGE_TENSOR_ELEMENTS = 16 * 2**20
+GUARD_CHUNK_ELEMENTS = 2**20
+GUARD_CHECKSUM_BYTES_PER_CHUNK = 2 * 8
+GUARD_BUFFER_BYTES_PER_ELEMENT = 2 * 8
 
 # Fixed costs that are not tensors of the model.
 GPU_CONTEXT_BYTES = 1 * GiB  # CUDA context, cuBLAS workspaces, NCCL buffers, per process
@@ -272,6 +282,43 @@ def _trainable(i: SizingInputs, p: dict[str, int]) -> tuple[int, int]:
     return trainable, max(tensors)
 
 
+def _guard_bytes(i: SizingInputs, p: dict[str, int], lp: int) -> int:
+    """What the FrozenGuard holds for this stage: a copy of each small frozen tensor, checksums
+    of the large ones.
+
+    Watched: every parameter with requires_grad=False, and each masked prunable weight's
+    frozen values and bool mask (the conv weights in every stage of a run with an owner map;
+    the embedding when it is prunable). T1 freezes only the item/class heads. Later tasks also
+    freeze the embedding (unless prunable), the T1 output layer, the conv biases and
+    LayerNorms, and every head but their own; heads are all counted as copies (each is at most
+    ``max_label_space`` x f, below the threshold for any catalogue in the paper; above it the
+    estimate errs large).
+    """
+    f, n1 = i.embed_dim, i.num_items + 1
+    conv_layer = f * f * i.kernel_size
+    # (elements of one tensor, bytes per element, how many such tensors)
+    tensors = [(conv_layer, lp, i.num_conv_layers), (conv_layer, BOOL_BYTES, i.num_conv_layers)]
+    if i.prune_embedding:
+        tensors += [(n1 * f, lp, 1), (n1 * f, BOOL_BYTES, 1)]
+    if i.task_kind == "sequence":
+        frozen_heads = p["heads"]
+    else:
+        frozen_heads = p["heads"] - p["largest_head"]
+        if not i.prune_embedding:
+            tensors.append((n1 * f, lp, 1))
+        tensors += [(n1 * f, lp, 1), (n1, lp, 1)]  # T1 output layer: weight and bias
+        tensors.append((f, lp, 3 * i.num_conv_layers))  # conv bias, LayerNorm scale and shift
+    total = frozen_heads * lp
+    largest_summed = 0
+    for numel, size, count in tensors:
+        if numel > GUARD_LARGE_TENSOR_ELEMENTS:
+            total += count * math.ceil(numel / GUARD_CHUNK_ELEMENTS) * GUARD_CHECKSUM_BYTES_PER_CHUNK
+            largest_summed = max(largest_summed, numel)
+        else:
+            total += count * numel * size
+    return total + min(largest_summed, GUARD_CHUNK_ELEMENTS) * GUARD_BUFFER_BYTES_PER_ELEMENT
+
+
 def _device_components(i: SizingInputs) -> tuple[dict[str, int], dict[str, int]]:
     p = _param_counts(i)
     lp = LOW_PRECISION_BYTES[i.precision]  # bytes per module param / grad / activation
@@ -294,6 +341,8 @@ def _device_components(i: SizingInputs) -> tuple[dict[str, int], dict[str, int]]
     buffered = p["conv_weight"] + p["embedding"]
     prunable = p["conv_weight"] + (p["embedding"] if i.prune_embedding else 0)
     c["owner_map_and_masks"] = buffered * (lp + BOOL_BYTES) + prunable * (1 + lp)
+
+    c["frozen_guard_copies"] = _guard_bytes(i, p, lp)
 
     # Gradients in the module dtype. ZeRO-0 and ZeRO-1 keep every trainable gradient on
     # every worker; ZeRO-2 keeps only this worker's 1/n partition, plus the largest single

@@ -11,6 +11,12 @@ pyarrow in one process (raw, and with the same padding to tensors).
 a masked view (T2 train: T1 owns 30 %, the rest trainable), same batch, interleaved repeats.
 
     python jobs/bench.py masks
+
+``batch-mix``: how mixed a training batch is: distinct users per batch of one task's train
+split, read the way stage workers read it (seeded file order, exactly-once split, per-epoch
+shuffle buffer), against the stored order (no per-epoch shuffle).
+
+    python jobs/bench.py batch-mix --data runs/ml100k/data --task rated_4_5 --batch-size 512
 """
 
 from __future__ import annotations
@@ -210,6 +216,55 @@ def run_masks(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_batch_mix(args: argparse.Namespace) -> int:
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    import numpy as np
+    import ray
+    import ray.train
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from conure_dist.data.format import load_dataset_info
+    from conure_dist.data.pipeline import ExactlyOnceDataConfig, epoch_batches, split_dataset
+
+    info = load_dataset_info(args.data)
+    results = tempfile.mkdtemp(prefix="bench-")
+    readings = [("stored order", 0, 0), *((f"shuffled, epoch {e + 1}", args.shuffle_rows, e) for e in range(args.epochs))]
+
+    def loop(config):
+        shard = ray.train.get_dataset_shard("train")
+        out = {}
+        for name, rows, epoch in config["readings"]:
+            out[name] = [len(set(b["user"][b["user"] >= 0].tolist()))
+                         for b in epoch_batches(shard, epoch=epoch, rank=0, seed=0, shuffle_rows=rows,
+                                                batch_size=config["batch_size"], seq_len=8, with_label=config["with_label"])]
+        with open(os.path.join(config["results"], "mix.json"), "w") as f:
+            json.dump(out, f)
+
+    ray.init(address="local", num_cpus=args.num_cpus, logging_level=logging.WARNING)
+    try:
+        TorchTrainer(loop, train_loop_config={"readings": readings, "batch_size": args.batch_size, "results": results,
+                                              "with_label": info.task(args.task).has_label},
+                     datasets={"train": split_dataset(info, args.task, "train", seed=0, cache_below_bytes=2**30)},
+                     dataset_config=ExactlyOnceDataConfig.for_splits(info, args.task, ["train"]),
+                     scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+                     run_config=RunConfig(name="mix", storage_path=tempfile.mkdtemp(prefix="bench-"),
+                                          logging_config=ray.train.LoggingConfig(log_level="WARNING"))).fit()
+    finally:
+        ray.shutdown()
+    mix = json.load(open(os.path.join(results, "mix.json")))
+    print(f"task {args.task!r} of {args.data}: {info.task(args.task).counts['train']} train rows, "
+          f"{info.task(args.task).num_users} users, batch {args.batch_size}, shuffle buffer {args.shuffle_rows} rows")
+    print("| reading | batches | distinct users per batch: mean | min | median |")
+    print("|---|---|---|---|---|")
+    for name, counts in mix.items():
+        full = counts[:-1] or counts  # the last batch may be short
+        print(f"| {name} | {len(counts)} | {np.mean(full):.1f} | {min(full)} | {np.median(full):.0f} |")
+    return 0
+
+
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -237,6 +292,14 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     m.add_argument("--device", default="cpu")
     m.set_defaults(func=run_masks)
+    b = sub.add_parser("batch-mix", help="distinct users per training batch, stored order vs per-epoch shuffle")
+    b.add_argument("--data", required=True, help="prepared dataset")
+    b.add_argument("--task", required=True)
+    b.add_argument("--batch-size", type=int, default=512)
+    b.add_argument("--shuffle-rows", type=int, default=100_000, help="per-epoch shuffle buffer (rows)")
+    b.add_argument("--epochs", type=int, default=2)
+    b.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    b.set_defaults(func=run_batch_mix)
     return parser.parse_args(argv)
 
 

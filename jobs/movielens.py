@@ -23,8 +23,10 @@ from conure_dist.launch import Setting, add_run_arguments, dataset_in_run_dir, m
 ML = Setting(
     name="movielens",
     model=ModelConfig(num_items=1, embed_dim=256, dilations=(1, 2, 4, 8) * 6),
-    first=TrainConfig(lr=1e-3, batch_size=32, l2=0.02, sample_ratio=0.2, epochs=10, retrain_epochs=5),
-    later=TrainConfig(lr=1e-4, batch_size=512, l2=0.02, bpr_rho=0.3, epochs=10, retrain_epochs=5),
+    # T1 as in the authors' code: no L2, log-uniform negatives; later tasks: L2 on their head.
+    first=TrainConfig(lr=1e-3, batch_size=32, l2=0.0, sample_ratio=0.2, sampler="log_uniform",
+                      epochs=10, retrain_epochs=5),
+    later=TrainConfig(lr=1e-4, batch_size=512, l2=0.02, l2_scope="head", bpr_rho=0.3, epochs=10, retrain_epochs=5),
     ratios=(0.7, 0.8, 0.7, 0.8, 0.9, 0.9),
     seq_len=30,  # T1 keeps each user's most recent 30 clicks
 )

@@ -21,10 +21,14 @@ from conure_dist.launch import Setting, add_run_arguments, dataset_in_run_dir, m
 TTL = Setting(
     name="ttl",
     model=ModelConfig(num_items=1, embed_dim=256, dilations=(1, 2, 4, 8) * 4),
-    first=TrainConfig(lr=1e-3, batch_size=32, l2=0.02, sample_ratio=0.2, epochs=10, retrain_epochs=5),
-    later=TrainConfig(lr=1e-4, batch_size=512, l2=0.02, bpr_rho=0.3, epochs=10, retrain_epochs=5),
+    # T1 as in the authors' code: no L2; sampled softmax over 20 % of the items, drawn
+    # log-uniformly by popularity rank.
+    first=TrainConfig(lr=1e-3, batch_size=32, l2=0.0, sample_ratio=0.2, sampler="log_uniform",
+                      epochs=10, retrain_epochs=5),
+    # Later tasks: L2 on the task's own output layer only.
+    later=TrainConfig(lr=1e-4, batch_size=512, l2=0.02, l2_scope="head", bpr_rho=0.3, epochs=10, retrain_epochs=5),
     ratios=(0.7, 0.8, 0.9, 0.8, 0.9, 0.9),  # leaves about 32 % of the backbone free
-    l2_overrides={3: 0.05},  # the paper's T3 (likes) overfits at 0.02
+    l2_overrides={3: 0.05},  # head L2 of T3 (likes): the paper's T3 overfits at 0.02
     seq_len=100,
 )
 
@@ -32,8 +36,10 @@ TTL = Setting(
 DEMO = Setting(
     name="ttl-demo",
     model=ModelConfig(num_items=1, embed_dim=32, dilations=(1, 2, 4, 8)),
-    first=TrainConfig(lr=2e-3, batch_size=64, l2=1e-4, sample_ratio=0.2, epochs=3, retrain_epochs=1, patience=2),
-    later=TrainConfig(lr=2e-3, batch_size=128, l2=1e-4, bpr_rho=0.3, epochs=3, retrain_epochs=1, patience=2),
+    first=TrainConfig(lr=2e-3, batch_size=64, l2=0.0, sample_ratio=0.2, sampler="log_uniform", epochs=3,
+                      retrain_epochs=1, patience=2),
+    later=TrainConfig(lr=2e-3, batch_size=128, l2=1e-4, l2_scope="head", bpr_rho=0.3, epochs=3, retrain_epochs=1,
+                      patience=2),
     ratios=TTL.ratios,
     seq_len=25,
 )

@@ -162,3 +162,57 @@ def test_load_split_batches_without_ray(tmp_path):
     assert all(b["seq"].shape[1] == 10 and b["seq"].dtype.is_floating_point is False for b in batches)
     assert {"user", "seq", "label"} == set(batches[0])
     assert set(load_split_batches(info, "pretrain", "test", 8, 10)[0]) == {"user", "seq"}
+
+
+def _write_sorted_by_user(out, seed, rows_per_shard=100, users=300, per_user=4, chunk=250):
+    """An item task handed over sorted by user; ``seq`` holds the row's input position."""
+    user = np.repeat(np.arange(users), per_user)
+    instance = np.tile(np.arange(per_user), users)
+    position = np.arange(user.size)
+    with DatasetWriter(str(out), seed=seed, source="t", rows_per_shard=rows_per_shard) as w:
+        w.add_task("likes", "item")
+        for s in range(0, user.size, chunk):
+            sl = slice(s, s + chunk)
+            n = position[sl].size
+            seqs = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)),
+                                            pa.array((position[sl] + 1).astype(np.int32)))
+            w.write("likes", user[sl], seqs, labels=position[sl] % 7, instances=instance[sl])
+        info = w.finish(num_items=user.size, item_tokens=[str(i) for i in range(user.size)],
+                        label_tokens={"likes": [str(i) for i in range(7)]})
+    return info, user, instance, position
+
+
+def _shard_bytes(info):
+    return [open(os.path.join(info.path, f), "rb").read() for s in SPLITS for f in info.split_files("likes", s)]
+
+
+def test_shards_are_shuffled_deterministically(tmp_path):
+    info, user, instance, position = _write_sorted_by_user(tmp_path / "a", seed=4)
+    files = info.split_files("likes", "train")
+    assert len(files) == -(-info.task("likes").counts["train"] // 100) >= 8
+    train_positions = np.sort(position[assign_splits(4, "likes", user, instance) == 0])
+    for i, f in enumerate(files):
+        shard = pq.read_table(os.path.join(info.path, f))
+        users = shard.column("user").to_numpy()
+        if shard.num_rows >= 50:  # in input order: ~3.2 train rows per user, ~31 users per 100 rows
+            assert len(np.unique(users)) > 0.45 * shard.num_rows
+        assert np.any(np.diff(users) < 0)  # not sorted by user
+        if i == 0:  # rows cross shard borders: the first shard holds rows from beyond its own hundred
+            first = np.array([s[0] for s in shard.column("seq").to_pylist()]) - 1
+            assert first.max() > train_positions[99]
+    # Splits and popularity do not depend on the order.
+    codes = assign_splits(4, "likes", user, instance)
+    for code, split in enumerate(SPLITS):
+        got = np.sort(np.array([s[0] - 1 for s in read_split_table(info, "likes", split).column("seq").to_pylist()]))
+        assert np.array_equal(got, position[codes == code])
+    assert np.array_equal(info.popularity("likes"), np.bincount(position[codes == 0] % 7, minlength=7))
+    # Same seed: byte-identical shards. Another seed: another order of the rows both keep in train.
+    again, *_ = _write_sorted_by_user(tmp_path / "b", seed=4)
+    assert _shard_bytes(again) == _shard_bytes(info)
+    other, *_ = _write_sorted_by_user(tmp_path / "c", seed=5)
+
+    def train_order(i):
+        return [s[0] for s in read_split_table(i, "likes", "train").column("seq").to_pylist()]
+
+    both = set(train_order(info)) & set(train_order(other))
+    assert [p for p in train_order(info) if p in both] != [p for p in train_order(other) if p in both]

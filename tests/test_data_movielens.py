@@ -121,3 +121,21 @@ def test_cli_exit_status_and_summary(tmp_path, capsys):
     assert main(["prepare", "movielens", "--raw", raw, "--out", str(tmp_path / "out"), "--skip-bad"]) == 0
     out = capsys.readouterr().out
     assert "clicks" in out and "validation" in out and "skipped rows: 1" in out
+
+
+def test_shards_are_not_in_user_order(tmp_path):
+    # u.data sorted by user, as MovieLens ships it: 40 users, 4 clicks and 5 likes each.
+    ratings = [(u, 100 + (u * 7 + k) % 30, 1 if k < 4 else 5, k + 1) for u in range(1, 41) for k in range(9)]
+    users = [f"{u}|{20 + u}|{'MF'[u % 2]}|{('writer', 'doctor')[u % 2]}|1" for u in range(1, 41)]
+    raw = write_100k(tmp_path / "raw", ratings=ratings, users=users)
+
+    def order(out, seed):
+        info, _ = prepare_movielens(raw, str(tmp_path / out), MovieLensOptions(seed=seed))
+        return {t: [r["user"] for r in read_split_table(info, t, "train").to_pylist()] for t in ("clicks", "rated_5")}
+
+    first = order("a", 0)
+    for task, sequence in first.items():
+        assert len(sequence) > 20 and sequence != sorted(sequence), task
+    likes = first["rated_5"]  # a user's likes do not come one after another
+    assert sum(a == b for a, b in zip(likes, likes[1:])) < len(likes) // 3
+    assert order("b", 0) == first

@@ -4,12 +4,10 @@ The exactly-once property: every row of a split reaches exactly one worker per e
 1 and 2 workers, and all workers run the same number of steps (padding rows: user == -1).
 """
 
-import dataclasses
 import os
 import tempfile
 from collections import Counter
 
-import numpy as np
 import pytest
 
 from conure_dist.data.pipeline import load_split_batches, read_split_table
@@ -144,3 +142,55 @@ def test_ray_equal_split_drops_the_remainder_and_the_dataset_path_matches_pyarro
         return sorted((int(u), tuple(s.tolist()), int(y)) for b in batches
                       for u, s, y in zip(b["user"], b["seq"], b["label"]))
     assert rows_of(got) == rows_of(want)
+
+
+def _fit_epoch_orders(info, task, workers, epochs, seed):
+    """Users in the order each rank's training batches deliver them, per listed epoch, through
+    the stage workers' own dataset and epoch order (split_dataset, epoch_batches)."""
+    import json
+
+    import ray.train
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from conure_dist.data.pipeline import ExactlyOnceDataConfig, epoch_batches, split_dataset
+
+    results_dir = tempfile.mkdtemp()
+
+    def loop(config):
+        shard = ray.train.get_dataset_shard("train")
+        rank = ray.train.get_context().get_world_rank()
+        orders = []
+        for epoch in config["epochs"]:
+            orders.append([u for b in epoch_batches(shard, epoch=epoch, rank=rank, seed=config["seed"], shuffle_rows=1000,
+                                                    batch_size=8, seq_len=6, with_label=config["with_label"])
+                           for u in b["user"].tolist()])
+        with open(os.path.join(results_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(orders, f)
+
+    trainer = TorchTrainer(
+        loop, train_loop_config={"epochs": epochs, "seed": seed, "with_label": info.task(task).has_label},
+        datasets={"train": split_dataset(info, task, "train", seed=seed, cache_below_bytes=2**30)},
+        dataset_config=ExactlyOnceDataConfig.for_splits(info, task, ["train"]),
+        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(name="order", storage_path=tempfile.mkdtemp(),
+                             logging_config=ray.train.LoggingConfig(log_level="WARNING")))
+    trainer.fit()
+    return [json.load(open(os.path.join(results_dir, f"rank{r}.json"))) for r in range(workers)]
+
+
+@pytest.mark.slow
+def test_every_epoch_has_a_fresh_order_and_a_rerun_epoch_the_same_one(info, ray_session):
+    first = _fit_epoch_orders(info, "click", workers=2, epochs=[0, 1, 0], seed=5)
+    again = _fit_epoch_orders(info, "click", workers=2, epochs=[0, 1], seed=5)
+    expected = Counter(read_split_table(info, "click", "train").column("user").to_pylist())
+    for rank in range(2):
+        epoch0, epoch1, epoch0_again = first[rank]
+        assert epoch0 != epoch1  # a fresh order every epoch ...
+        assert epoch0 == epoch0_again == again[rank][0] and epoch1 == again[rank][1]  # ... the same when rerun
+    for epoch in (0, 1):  # still exactly once
+        seen = Counter(u for rank in range(2) for u in first[rank][epoch] if u != -1)
+        assert seen == expected
+    # Rows are mixed across the whole shard, not read in stored order.
+    stored = [u for u in read_split_table(info, "click", "train").column("user").to_pylist()]
+    assert first[0][0] != [u for u in stored if u in set(first[0][0])]

@@ -110,3 +110,30 @@ def test_cli(tmp_path, capsys):
     assert "click" in capsys.readouterr().out
     assert main(args) == 1  # the output exists now
     assert "exists" in capsys.readouterr().err
+
+
+def test_identical_sequence_lines_are_one_user(tmp_path, capsys):
+    # Lines 1, 3 and 4 are one sequence (padding aside): one user, one row, whatever the split.
+    raw = write_raw(tmp_path / "raw", t1=["a,b,c", "b,c", "a,b,c", "0,0,a,b,c", "c,d,e,a"],
+                    click=["a,b,c,,x", "a,b,c,,y", "b,c,,x"])
+    info, report = prepare_ttl(raw, str(tmp_path / "out"), TTLOptions(tasks=TASKS))
+    assert report["duplicate_sequences"] == {"pretrain": 2}
+    t1 = rows(info, "pretrain")
+    assert [(r["user"], r["seq"]) for r in t1] == [(0, [1, 2, 3]), (1, [2, 3]), (2, [3, 4, 5, 1])]
+    assert sum(info.task("pretrain").counts.values()) == 3 and info.task("pretrain").num_users == 3
+    assert info.popularity("pretrain").tolist() == _train_counts(info, "pretrain")
+    # Later tasks: a repeated sequence is the same user, each label an instance of its own.
+    labels = info.label_tokens("click").column("token").to_pylist()
+    assert [(r["user"], labels[r["label"]]) for r in rows(info, "click")] == [(0, "x"), (0, "y"), (1, "x")]
+    args = ["prepare", "ttl", "--raw", raw, "--out", str(tmp_path / "cli"), "--task", "pretrain=t1.csv:sequence",
+            "--task", "click=click.csv:item"]
+    assert main(args) == 0
+    assert "duplicate_sequences: {'pretrain': 2}" in capsys.readouterr().out
+
+
+def _train_counts(info, task):
+    counts = [0] * (info.num_items + 1)
+    for r in read_split_table(info, task, "train").to_pylist():
+        for item in r["seq"]:
+            counts[item] += 1
+    return counts

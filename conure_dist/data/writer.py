@@ -2,9 +2,12 @@
 
 Converters hand over batches of rows per task; the writer assigns splits, cuts Parquet
 shards of ``rows_per_shard`` rows, counts train-split popularity, and at :meth:`finish`
-writes the mappings and ``dataset.json``. Everything goes to ``<out>.tmp-<pid>`` first and is
-renamed to ``<out>`` only at the end, so a failed run never leaves a dataset that looks
-complete (a leftover temporary directory is removed on failure).
+writes the mappings and ``dataset.json``. Rows are shuffled before shards are cut, with a
+generator seeded from (dataset seed, task, split, shard number): the same input and seed give
+byte-identical shards. Which split a row lands in and the popularity counts do not depend on
+the shuffle. Everything goes to ``<out>.tmp-<pid>`` first and is renamed to ``<out>`` only at
+the end, so a failed run never leaves a dataset that looks complete (a leftover temporary
+directory is removed on failure).
 
 Example::
 
@@ -16,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -28,6 +32,10 @@ import pyarrow.parquet as pq
 
 from conure_dist.data.format import (FORMAT_VERSION, METADATA_FILE, SPLITS, TASK_KINDS, DatasetInfo,
                                      TaskInfo, assign_splits, load_dataset_info, row_schema)
+
+# Rows are shuffled within a window of this many shards' worth before each shard is cut
+# (memory: about this many shards of rows per task and split).
+SHUFFLE_WINDOW_SHARDS = 2
 
 
 @dataclass
@@ -139,13 +147,31 @@ class DatasetWriter:
         shards = state.splits[split]
         shards.buffered.append(part)
         shards.buffered_rows += part.num_rows
-        if shards.buffered_rows >= self.rows_per_shard:
-            table = pa.concat_tables(shards.buffered)
-            while table.num_rows >= self.rows_per_shard:
-                self._write_shard(state, split, table.slice(0, self.rows_per_shard))
-                table = table.slice(self.rows_per_shard)
-            shards.buffered = [table] if table.num_rows else []
-            shards.buffered_rows = table.num_rows
+        while shards.buffered_rows >= SHUFFLE_WINDOW_SHARDS * self.rows_per_shard:
+            self._cut_shard(state, split)
+
+    def _cut_shard(self, state: _TaskState, split: str) -> None:
+        """Shuffle a window of the buffered rows and write ``rows_per_shard`` of them as a shard.
+
+        Converters hand rows over in input order (MovieLens sorted by user, a TTL line's labels
+        one after another), so a shard cut in that order gives batches of a handful of users.
+        The window spans :data:`SHUFFLE_WINDOW_SHARDS` shards' worth, so rows also cross shard
+        borders; the window's other rows stay buffered, ahead of the rest, for the next cut.
+        """
+        shards = state.splits[split]
+        buffered = pa.concat_tables(shards.buffered) if shards.buffered else row_schema(state.kind).empty_table()
+        window = buffered.slice(0, SHUFFLE_WINDOW_SHARDS * self.rows_per_shard)
+        rng = np.random.Generator(np.random.PCG64(self._shard_seed(state.name, split, len(shards.files))))
+        window = window.take(pa.array(rng.permutation(window.num_rows)))
+        self._write_shard(state, split, window.slice(0, self.rows_per_shard))
+        rest = [t for t in (window.slice(self.rows_per_shard), buffered.slice(window.num_rows)) if t.num_rows]
+        shards.buffered = rest
+        shards.buffered_rows = sum(t.num_rows for t in rest)
+
+    def _shard_seed(self, task: str, split: str, shard: int) -> np.random.SeedSequence:
+        # hashlib, not hash(): str hashes are salted per process and the order must be reproducible.
+        task_key = int.from_bytes(hashlib.blake2b(task.encode(), digest_size=8).digest(), "little")
+        return np.random.SeedSequence([self.seed & 0xFFFFFFFFFFFFFFFF, task_key, SPLITS.index(split), shard])
 
     def _write_shard(self, state: _TaskState, split: str, table: pa.Table) -> None:
         shards = state.splits[split]
@@ -186,10 +212,8 @@ class DatasetWriter:
 
     def _finish_task(self, state: _TaskState, num_items: int, labels: Sequence[str] | None) -> TaskInfo:
         for split, shards in state.splits.items():
-            if shards.buffered_rows or not shards.files:  # an empty split still gets one (empty) shard
-                table = pa.concat_tables(shards.buffered) if shards.buffered else row_schema(state.kind).empty_table()
-                self._write_shard(state, split, table)
-                shards.buffered, shards.buffered_rows = [], 0
+            while shards.buffered_rows or not shards.files:  # an empty split still gets one (empty) shard
+                self._cut_shard(state, split)
         if state.kind == "sequence":
             size = num_items + 1
             label_file, num_labels = None, 0

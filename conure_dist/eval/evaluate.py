@@ -1,7 +1,8 @@
 """Evaluate one task of a model on batches, by full ranking (no sampled candidates).
 
 Results are kept as integer counts (:class:`MetricSums`) so that data-parallel workers can
-add theirs up exactly before dividing.
+add theirs up exactly before dividing. Ranks and class accuracy follow the conservative rule of
+:mod:`conure_dist.eval.metrics` (ties and non-finite scores count against the target).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Iterable, Mapping
 import torch
 
 from conure_dist.config import TaskSpec
-from conure_dist.eval.metrics import target_ranks
+from conure_dist.eval.metrics import target_ranks, top1_correct
 from conure_dist.model import ConureModel
 
 
@@ -85,14 +86,15 @@ def score_batch(model: ConureModel, task: TaskSpec, batch: Mapping[str, torch.Te
         valid = targets != 0
         h = model.hidden(inputs[valid])[:, -1]
         scores = head(h).float()
-        scores[:, 0] = float("-inf")  # padding is not an item
+        scores[:, 0] = float("-inf")  # padding is not an item; -inf never outranks a finite target
         sums.add_ranks(target_ranks(scores, targets[valid]))
         return
     valid = batch["label"] >= 0
     labels = batch["label"][valid]
     scores = head(model.user_representation(seq[valid])).float()
     if task.kind == "class":
-        sums.add_correct(scores.argmax(dim=1) == labels)
+        # argmax would call a tie, or a NaN row, right whenever the label comes first
+        sums.add_correct(top1_correct(scores, labels))
     else:
         sums.add_ranks(target_ranks(scores, labels))
 

@@ -3,7 +3,14 @@
 Engine-agnostic and free of Ray: the in-process runner calls it with a plain torch optimizer,
 and each Ray Train worker calls the same function with a DeepSpeed engine behind
 :class:`Stepper`. After every optimizer step the :class:`~conure_dist.model.FrozenGuard`
-verifies that no frozen entry moved (and restores and counts any that did).
+verifies that no frozen entry moved (a moved entry fails the stage), and a non-finite loss
+stops the stage with an error that names the task, the stage and the step.
+
+Resuming inside an epoch: ``train_batches(epoch)`` must yield the same batches in the same
+order whenever it is called for the same epoch (the data order is a function of the seed and
+the epoch). The loop skips the batches the checkpoint had already consumed, and the negative
+sampler's generator is seeded per step, so a resumed stage takes exactly the steps an
+uninterrupted one would have taken.
 """
 
 from __future__ import annotations
@@ -53,7 +60,12 @@ class StageProgress:
     best_epoch: int = -1
     bad_epochs: int = 0
     stopped_early: bool = False
-    restored_entries: int = 0  # frozen entries the guard had to restore (0 when all is well)
+    world_size: int = 1  # data-parallel ranks the steps were taken with
+    # The epoch in progress (a checkpoint taken inside an epoch resumes from here).
+    epoch_step: int = 0  # batches of epoch ``epoch`` already consumed
+    epoch_loss_sum: float = 0.0
+    epoch_examples: int = 0
+    epoch_seconds: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,10 +73,20 @@ class StageProgress:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "StageProgress":
-        return cls(**data)
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     def finished(self, epochs: int) -> bool:
         return self.stopped_early or self.epoch >= epochs
+
+
+class NonFiniteLoss(RuntimeError):
+    """A stage's loss became NaN or infinite: the stage stops instead of training on."""
+
+
+def step_seed(seed: int, epoch: int, epoch_step: int) -> int:
+    """Seed of the negative sampler at one step: the same draws when a step is taken again."""
+    return (seed * 1_000_003 + epoch * 100_003 + epoch_step) % (2**63)
 
 
 StepHook = Callable[[StageProgress, float], None]
@@ -82,6 +104,7 @@ def run_stage(
     epochs: int,
     patience: int,
     l2: float = 0.0,
+    l2_scope: str = "head",
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: StageProgress | None = None,
@@ -89,6 +112,7 @@ def run_stage(
     snapshot: Callable[[], Weights] | None = None,
     on_step: StepHook | None = None,
     on_epoch_end: EpochHook | None = None,
+    name: str = "stage",
 ) -> tuple[StageProgress, Weights]:
     """Run the epochs of one stage that ``progress`` has not completed yet.
 
@@ -96,29 +120,40 @@ def run_stage(
     the metrics; the weights of the best epoch by ``metric`` are kept (``snapshot()``, by
     default the model's effective fp32 weights) and returned. Training stops early after
     ``patience`` epochs without improvement. ``on_epoch_end`` is where callers checkpoint.
+    ``name`` (e.g. ``"task click, train stage"``) names the stage in errors.
     """
     progress = progress if progress is not None else StageProgress()
     snapshot = snapshot or model.weights
-    guard = FrozenGuard(model)
+    guard = FrozenGuard(model, context=name)
     best_weights = best
     generator = torch.Generator()
     model.train()
     for epoch in range(progress.epoch, epochs):
         if progress.stopped_early:
             break
-        generator.manual_seed(seed * 1_000_003 + epoch)  # the same draws when an epoch is rerun
-        started, losses, examples = time.perf_counter(), [], 0
-        for batch in train_batches(epoch):
+        started = time.perf_counter()
+        skip = progress.epoch_step  # batches a checkpoint inside this epoch had consumed
+        for index, batch in enumerate(train_batches(epoch)):
+            if index < skip:
+                continue
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            generator.manual_seed(step_seed(seed, epoch, index))
             loss = loss_fn(model, batch, generator)
-            reg = l2_penalty(model, l2)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"{name}: the loss became {value} at step {progress.step + 1} (epoch {epoch + 1}, "
+                                    f"batch {index + 1}); lower the learning rate or check the data")
+            reg = l2_penalty(model, l2, scope=l2_scope)
             stepper.step(loss if reg is None else loss + reg)
-            progress.restored_entries += guard.check()
+            guard.check()
             progress.step += 1
-            losses.append(loss.detach())
-            examples += int(batch["seq"].shape[0])
+            progress.epoch_step = index + 1
+            progress.epoch_loss_sum += value
+            progress.epoch_examples += int(batch["seq"].shape[0])
+            progress.epoch_seconds += time.perf_counter() - started
+            started = time.perf_counter()
             if on_step is not None:
-                on_step(progress, float(loss))
+                on_step(progress, value)
         metrics = dict(validate()) if validate is not None else {}
         value = metrics.get(metric)
         improved = value is None or progress.best_metric is None or value > progress.best_metric
@@ -127,15 +162,16 @@ def run_stage(
             best_weights = snapshot()
         else:
             progress.bad_epochs += 1
-        seconds = time.perf_counter() - started
+        seconds = progress.epoch_seconds + time.perf_counter() - started
         progress.epoch = epoch + 1
         progress.history.append({
             "epoch": epoch,
-            "loss": float(torch.stack(losses).float().mean()) if losses else math.nan,
+            "loss": progress.epoch_loss_sum / progress.epoch_step if progress.epoch_step else math.nan,
             "seconds": seconds,
-            "examples_per_s": examples / seconds if seconds > 0 else 0.0,
+            "examples_per_s": progress.epoch_examples / seconds if seconds > 0 else 0.0,
             **{f"val_{k}": float(v) for k, v in metrics.items()},
         })
+        progress.epoch_step, progress.epoch_loss_sum, progress.epoch_examples, progress.epoch_seconds = 0, 0.0, 0, 0.0
         progress.stopped_early = progress.bad_epochs >= patience and progress.epoch < epochs
         if on_epoch_end is not None:
             on_epoch_end(progress, best_weights, improved)

@@ -12,16 +12,22 @@ from typing import Mapping, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from conure_dist.config import TaskSpec, TrainConfig
+from conure_dist.config import L2_SCOPES, TaskSpec, TrainConfig
 from conure_dist.model import ConureModel
+from conure_dist.model.backbones import CausalTransformer
 from conure_dist.model.heads import ItemScorer
+from conure_dist.model.masked import ItemEmbedding
 from conure_dist.train.samplers import NegativeSampler, lambdafm_sampler, log_uniform_sampler, uniform_sampler
 
 Batch = Mapping[str, torch.Tensor]
-# Item-vocabulary tables are left out of L2: a whole-table penalty every step would shrink
-# rows the batch never saw.
-L2_EXCLUDED = ("backbone.embedding.weight",)
+# Never under L2: normalisation gains and biases (shrinking them only distorts the scale the
+# next layer sees) and item-vocabulary tables (a whole-table penalty every step would shrink
+# rows the batch never saw).
+L2_EXCLUDED_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, ItemEmbedding)
+# Embedding tables held as bare parameters of a larger module (by that module's type).
+L2_EXCLUDED_TABLES: dict[type, tuple[str, ...]] = {CausalTransformer: ("position",)}
 
 
 class TaskLoss(Protocol):
@@ -141,21 +147,48 @@ def make_loss(task: TaskSpec, train: TrainConfig, num_items: int, popularity: np
     return ClassLoss(task.name)
 
 
-def l2_penalty(model: ConureModel, l2: float) -> torch.Tensor | None:
-    """``l2 * 0.5 * sum(w^2)`` over the entries this stage trains (frozen ones excluded)."""
+def l2_parameters(model: ConureModel, scope: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters an L2 term of ``scope`` (see :data:`~conure_dist.config.L2_SCOPES`) covers.
+
+    Trainable or not: :func:`l2_penalty` keeps the entries the current stage trains. Biases
+    are never covered, nor is the sequence task's head (it is the item vocabulary).
+    """
+    if scope not in L2_SCOPES:
+        raise ValueError(f"L2 scope must be one of {L2_SCOPES}, got {scope!r}")
+    if scope == "none":
+        return []
+    sequence_heads = {id(model.heads[t.name]) for t in model.tasks if t.kind == "sequence"}
+    if scope == "head":
+        roots = [(f"heads.{t.name}", model.heads[t.name]) for t in model.tasks if t.kind != "sequence"]
+    else:
+        roots = [("", model)]
+    found = []
+    for root, top in roots:
+        for prefix, module in top.named_modules(prefix=root):
+            if id(module) in sequence_heads or isinstance(module, L2_EXCLUDED_MODULES):
+                continue
+            skip = L2_EXCLUDED_TABLES.get(type(module), ())
+            for local, p in module.named_parameters(recurse=False):
+                if local == "bias" or local in skip:
+                    continue
+                found.append((f"{prefix}.{local}" if prefix else local, p))
+    return found
+
+
+def l2_penalty(model: ConureModel, l2: float, scope: str = "head") -> torch.Tensor | None:
+    """``l2 * 0.5 * sum(w^2)`` over the entries of :func:`l2_parameters` this stage trains.
+
+    ``None`` when nothing is covered (e.g. T1 with ``scope="head"``: the authors' code has no
+    L2 in T1). Frozen entries of prunable weights are excluded entry by entry.
+    """
     if l2 <= 0:
         return None
     masks = {name: m.weight_trainable for name, m in model.masked_modules()}
     total = None
-    for name, p in model.named_parameters():
-        if not p.requires_grad or name in L2_EXCLUDED or _is_sequence_head(model, name):
+    for name, p in l2_parameters(model, scope):
+        if not p.requires_grad:
             continue
         w = p * masks[name] if name in masks else p
         term = w.float().pow(2).sum()
         total = term if total is None else total + term
     return None if total is None else 0.5 * l2 * total
-
-
-def _is_sequence_head(model: ConureModel, name: str) -> bool:
-    head = model.head_task(name)
-    return head is not None and model.tasks[model.task_number(head) - 1].kind == "sequence"

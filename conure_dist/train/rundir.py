@@ -2,12 +2,14 @@
 
 Layout::
 
-    manifest.json                  config, task list, ledger, per-stage status/metrics/timings
+    manifest.json                  config, settings, task list, ledger, per-stage status/metrics/timings
+    lock.json                      the driver using the directory (host, pid, heartbeat)
     state/weights-<step>.safetensors  weights after the latest step of the plan, and after
                                    each commit (``<task>-commit``)
     state/owners-v<n>.safetensors  owner map version n (one per prune)
     stages/<task>-<step>/          inputs of a training stage (weights, owner map)
-    ray/                           Ray Train storage (per-stage checkpoints)
+    ray/<run id>/                  Ray Train storage (per-stage checkpoints) of this run
+    replaced/<time>/               what --new-run moved aside
     reports/accuracy_matrix.csv    after_task,task,metric,value
     reports/capacity.txt           share of each prunable tensor owned by each task
     tensorboard/                   event files per stage
@@ -19,7 +21,6 @@ leaves a half-written manifest or owner map that looks complete.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -33,15 +34,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class RunDirError(RuntimeError):
     """The run directory cannot be used as asked (different config, corrupt manifest...)."""
-
-
-def config_fingerprint(config: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class RunDir:
@@ -53,7 +50,10 @@ class RunDir:
             self.fs, self.root = pafs.FileSystem.from_uri(uri)
             self.local = False
         else:
-            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri)
+            # Absolute once, here: Ray Train workers run in directories of their own, where a
+            # relative path would name another place.
+            self.uri = os.path.abspath(uri)
+            self.fs, self.root = pafs.LocalFileSystem(), self.uri
             self.local = True
         self.fs.create_dir(self.root, recursive=True)
 
@@ -93,6 +93,34 @@ class RunDir:
     def delete(self, rel: str) -> None:
         if self.exists(rel):
             self.fs.delete_file(self.path(rel))
+
+    def entries(self) -> list[str]:
+        """Names of the top-level files and folders."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        return sorted(i.base_name for i in infos)
+
+    def move_aside(self, into: str, keep: tuple[str, ...]) -> list[str]:
+        """Move every top-level entry except ``keep`` under ``into``; returns the names moved."""
+        moved = []
+        for name in self.entries():
+            if name in keep or name == into.split("/", 1)[0]:
+                continue
+            if self.local:
+                os.makedirs(self.path(into), exist_ok=True)
+                os.rename(self.path(name), self.path(into, name))
+            else:  # object stores move object by object
+                info = self.fs.get_file_info(self.path(name))
+                files = ([info] if info.type == pafs.FileType.File else
+                         [f for f in self.fs.get_file_info(pafs.FileSelector(self.path(name), recursive=True))
+                          if f.type == pafs.FileType.File])
+                for f in files:
+                    target = self.path(into, f.path[len(self.root.rstrip("/")) + 1:])
+                    self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+                    self.fs.move(f.path, target)
+                if info.type == pafs.FileType.Directory:
+                    self.fs.delete_dir(self.path(name))
+            moved.append(name)
+        return moved
 
     # -- typed files -------------------------------------------------------------------
     def write_json(self, rel: str, obj: Any) -> None:

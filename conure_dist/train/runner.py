@@ -8,12 +8,12 @@ Used by the tests and by small demos; the distributed trainer runs the same
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from conure_dist.config import ModelConfig, TaskPlan
+from conure_dist.config import ModelConfig, TaskPlan, TaskSpec
 from conure_dist.eval.evaluate import evaluate_task, main_metric
 from conure_dist.model import ConureModel, OwnerMap, Stage, Weights
 from conure_dist.train.loop import Batch, StageProgress, TorchStepper, run_stage
@@ -24,12 +24,71 @@ from conure_dist.train.plan import Ledger, PlannedStep, get_method
 
 @dataclass
 class TaskData:
-    """In-memory splits of one task (lists of batches) and its popularity counts."""
+    """In-memory splits of one task (lists of batches) and its popularity counts.
+
+    ``popularity`` may be omitted: it is then counted on the train batches (items for the
+    sequence task, labels for item tasks), as the dataset writer counts the train split.
+    The train batches are pooled into rows and regrouped into ``batch_size`` batches each
+    epoch.
+    """
 
     train: list[Batch]
     validation: list[Batch] = field(default_factory=list)
     test: list[Batch] = field(default_factory=list)
     popularity: np.ndarray | None = None
+
+
+def concat_batches(batches: Sequence[Batch]) -> dict[str, torch.Tensor]:
+    """One tensor per key holding every row of ``batches``, without padding rows (user -1).
+
+    Sequences narrower than the widest are left-padded with 0, the padding id.
+    """
+    if not batches:
+        return {}
+    width = max(int(b["seq"].shape[1]) for b in batches)
+    out: dict[str, torch.Tensor] = {}
+    for key in batches[0]:
+        parts = [b[key] for b in batches]
+        if key == "seq":
+            parts = [torch.nn.functional.pad(p, (width - p.shape[1], 0)) for p in parts]
+        out[key] = torch.cat(parts)
+    if "user" in out:
+        keep = out["user"] >= 0
+        if not bool(keep.all()):
+            out = {k: v[keep] for k, v in out.items()}
+    return out
+
+
+def shuffle_seed(seed: int, number: int, stage: Stage, epoch: int) -> int:
+    """Seed of one epoch's row order; differs between tasks, stages and epochs."""
+    stage_code = list(Stage).index(Stage(stage))
+    entropy = [seed & 0xFFFFFFFFFFFFFFFF, number, stage_code, epoch]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
+
+
+def epoch_batches(rows: Mapping[str, torch.Tensor], batch_size: int, seed: int) -> Iterator[Batch]:
+    """Batches of ``batch_size`` rows in the order of a permutation drawn from ``seed``.
+
+    A new seed per epoch regroups the rows: which rows share a batch changes every epoch, and
+    the same seed gives the same batches again (a resumed epoch replays them).
+    """
+    if not rows:
+        return iter(())
+    n = int(next(iter(rows.values())).shape[0])
+    order = torch.from_numpy(np.random.Generator(np.random.PCG64(seed)).permutation(n))
+    return ({k: v[idx] for k, v in rows.items()} for idx in order.split(batch_size))
+
+
+def train_popularity(batches: Sequence[Batch], key: str, size: int) -> np.ndarray:
+    """Counts of each id in column ``key`` of the train batches (ids < 0 and item 0 are padding)."""
+    counts = np.zeros(size, dtype=np.int64)
+    for b in batches:
+        ids = b[key].reshape(-1).numpy()
+        ids = ids[ids >= 0]
+        counts += np.bincount(ids, minlength=size)[:size]
+    if key == "seq":
+        counts[0] = 0
+    return counts
 
 
 class InProcessExecutor:
@@ -49,9 +108,10 @@ class InProcessExecutor:
         if epochs == 0:
             return self.model.weights()
 
+        rows = concat_batches(data.train)
+
         def batches(epoch: int):
-            order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-            return (data.train[i] for i in order.tolist())
+            return epoch_batches(rows, cfg.batch_size, shuffle_seed(cfg.seed, number, stage, epoch))
 
         validate = None
         if data.validation:
@@ -59,18 +119,27 @@ class InProcessExecutor:
         progress, best = run_stage(
             model=self.model,
             stepper=TorchStepper(self.model.trainable_parameters(), cfg),
-            loss_fn=make_loss(spec, cfg, self.model.config.num_items, data.popularity),
+            loss_fn=make_loss(spec, cfg, self.model.config.num_items, self._popularity(spec, data)),
             train_batches=batches,
             validate=validate,
             metric=main_metric(spec, cfg.metric_k),
             epochs=epochs,
             patience=cfg.patience,
             l2=cfg.l2,
+            l2_scope=cfg.l2_scope,
             seed=cfg.seed + 7919 * number + (1 if stage is Stage.RETRAIN else 0),
             device=self.device,
         )
         self.progress[f"{spec.name}/{stage.value}"] = progress
         return best
+
+    def _popularity(self, spec: TaskSpec, data: TaskData) -> np.ndarray | None:
+        """The given counts, else counted on the train split as a prepared dataset does."""
+        if data.popularity is not None or spec.kind == "class":
+            return data.popularity
+        if spec.kind == "sequence":
+            return train_popularity(data.train, "seq", self.model.config.num_items + 1)
+        return train_popularity(data.train, "label", spec.num_labels)
 
     def evaluate(self, tasks: Sequence[TaskPlan], weights: Weights, owners: OwnerMap | None) -> dict[str, dict[str, float]]:
         self.model.load_weights(weights)

@@ -67,7 +67,7 @@ def stage_worker(config: dict[str, Any]) -> None:
     import ray.train
     from safetensors.torch import load_file
 
-    from conure_dist.data.pipeline import iter_torch_batches
+    from conure_dist.data.pipeline import epoch_batches, iter_torch_batches
 
     entered = time.time()
     exp, rundir, device, rank, world = _setup(config)
@@ -84,17 +84,26 @@ def stage_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         _log(f"[{spec.name}/{stage.value}] {world} workers started {entered - config['fit_started']:.1f}s after fit(); "
              f"model and DeepSpeed engine ready in {time.time() - entered:.1f}s")
-    progress, best, finished_before = StageProgress(), None, False
+    progress, best, finished_before = StageProgress(world_size=world), None, False
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
+            saved = StageProgress.from_dict(json.loads(open(os.path.join(d, PROGRESS_FILE)).read()))
             finished_before = os.path.exists(os.path.join(d, RESULT_FILE))
-            stepper.load(d)
-            progress = StageProgress.from_dict(json.loads(open(os.path.join(d, PROGRESS_FILE)).read()))
-            if os.path.exists(os.path.join(d, BEST_FILE)):
-                best = load_file(os.path.join(d, BEST_FILE))
-        if rank == 0:
+            if finished_before:
+                progress = saved  # the result is that checkpoint: nothing to load
+            elif saved.world_size == world:
+                stepper.load(d)
+                progress = saved
+                if os.path.exists(os.path.join(d, BEST_FILE)):
+                    best = load_file(os.path.join(d, BEST_FILE))
+        if rank == 0 and progress is saved:
             _log(f"[{spec.name}/{stage.value}] resumed at epoch {progress.epoch}, step {progress.step}")
+        elif rank == 0:
+            # Each rank's data order and optimizer shards belong to the world size they were
+            # made with: a stage interrupted with another number of workers starts over.
+            _log(f"[{spec.name}/{stage.value}] the checkpoint was taken with {saved.world_size} workers, this "
+                 f"fit has {world}: the stage starts again from its input weights")
 
     popularity = None
     if config.get("popularity"):
@@ -110,10 +119,12 @@ def stage_worker(config: dict[str, Any]) -> None:
     # A failure injected by tests: raise once, at this optimizer step, in this rank.
     fail_at = config.get("fail_once_at_step")
     fail_marker = config.get("fail_marker")
+    attempt = f"a{int(config['fit_started'] * 1000) % 10**10}"
 
     def batches(epoch: int):
-        return iter_torch_batches(train_shard, batch_size=micro_batch, seq_len=exp.seq_len, with_label=with_label,
-                                  local_shuffle_buffer_size=config.get("shuffle_buffer"))
+        return epoch_batches(train_shard, epoch=epoch, rank=rank, seed=exp.seed * 7919 + hash_task(spec.name, stage),
+                             shuffle_rows=exp.shuffle_buffer_rows, batch_size=micro_batch, seq_len=exp.seq_len,
+                             with_label=with_label)
 
     def validate():
         sums = evaluate_sums(model, spec, iter_torch_batches(val_shard, batch_size=micro_batch * 4, seq_len=exp.seq_len,
@@ -132,7 +143,7 @@ def stage_worker(config: dict[str, Any]) -> None:
         if p.step % exp.cluster.log_every_steps == 0:
             _progress_line(spec.name, stage, p, window, steps_per_epoch, epochs, micro_batch * world, rank, tb)
         if exp.cluster.checkpoint_every_steps and p.step % exp.cluster.checkpoint_every_steps == 0:
-            _report(stepper, p, best_box["w"], rank, {"step": p.step})
+            _report(stepper, p, best_box["w"], rank, {"step": p.step}, attempt)
 
     best_box = {"w": best}
 
@@ -148,7 +159,7 @@ def stage_worker(config: dict[str, Any]) -> None:
                     if k != "epoch":
                         tb.add_scalar(f"epoch/{k}", v, p.epoch)
                 tb.flush()
-        _report(stepper, p, best_weights, rank, {"epoch": p.epoch, **{k: v for k, v in last.items()}})
+        _report(stepper, p, best_weights, rank, {"epoch": p.epoch, **{k: v for k, v in last.items()}}, attempt)
 
     if finished_before:
         return  # the stage had finished before the driver stopped: its last checkpoint is the result
@@ -156,13 +167,14 @@ def stage_worker(config: dict[str, Any]) -> None:
         progress, best = run_stage(
             model=model, stepper=stepper, loss_fn=loss_fn, train_batches=batches, validate=validate,
             metric=main_metric(spec, train.metric_k), epochs=epochs, patience=train.patience, l2=train.l2,
-            seed=exp.seed * 7919 + hash_task(spec.name, stage) + rank, device=device, progress=progress, best=best,
-            snapshot=stepper.fp32_weights, on_step=on_step, on_epoch_end=on_epoch_end,
+            l2_scope=train.l2_scope, seed=exp.seed * 7919 + hash_task(spec.name, stage) + rank, device=device,
+            progress=progress, best=best, snapshot=stepper.fp32_weights, on_step=on_step, on_epoch_end=on_epoch_end,
+            name=f"task {spec.name}, {stage.value} stage",
         )
     if best is None:
         best = stepper.fp32_weights()
     # The final checkpoint is also the stage's result: best weights, progress and timings.
-    _report(stepper, progress, best, rank, {"done": 1, "epoch": progress.epoch},
+    _report(stepper, progress, best, rank, {"done": 1, "epoch": progress.epoch}, attempt,
             extra={RESULT_FILE: {"progress": progress.to_dict(), "timing": timing}}, name="final")
     if tb is not None:
         tb.close()
@@ -172,9 +184,12 @@ def hash_task(name: str, stage: Stage) -> int:
     return zlib.crc32(f"{name}/{stage.value}".encode()) % 100_003
 
 
-def _report(stepper: DeepSpeedStepper, p: StageProgress, best, rank: int, metrics: dict,
+def _report(stepper: DeepSpeedStepper, p: StageProgress, best, rank: int, metrics: dict, attempt: str,
             extra: dict[str, Any] | None = None, name: str = "step") -> None:
-    """Checkpoint every rank's DeepSpeed state (rank 0 adds progress and best weights) and report."""
+    """Checkpoint every rank's DeepSpeed state (rank 0 adds progress and best weights) and report.
+
+    ``attempt`` (the same on every rank) keeps the names of a restarted stage's checkpoints
+    apart from those of an earlier attempt at the same step."""
     import ray.train
     from safetensors.torch import save_file
 
@@ -188,7 +203,7 @@ def _report(stepper: DeepSpeedStepper, p: StageProgress, best, rank: int, metric
             if best is not None:
                 save_file({k: v.contiguous() for k, v in best.items()}, os.path.join(d, BEST_FILE))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"{name}-{p.step:09d}-e{p.epoch}")
+                         checkpoint_dir_name=f"{name}-{p.step:09d}-e{p.epoch}-{attempt}")
 
 
 def _tensorboard(config: dict[str, Any], rank: int):

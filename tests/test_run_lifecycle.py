@@ -1,0 +1,164 @@
+"""The run directory's lifecycle without Ray: resume settings, --new-run, the driver lock."""
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conure_dist.config import ClusterConfig, ExperimentConfig, ModelConfig, TaskPlan, TaskSpec, TrainConfig
+from conure_dist.data.synthetic import SyntheticConfig, prepare_synthetic
+from conure_dist.train.coordinator import open_run
+from conure_dist.train.lock import LOCK_FILE, RunLock
+from conure_dist.train.rundir import RunDir, RunDirError
+
+TINY = SyntheticConfig(num_users=120, num_items=40, seq_len=8, min_seq_len=3, num_topics=4, click_labels=10,
+                       like_labels=6, rows_per_shard=100)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("data") / "tiny")
+    prepare_synthetic(TINY, path, seed=1)
+    return path
+
+
+def experiment(dataset, tasks=("pretrain", "click"), **overrides):
+    from conure_dist.data.format import load_dataset_info
+
+    info = load_dataset_info(dataset)
+    train = TrainConfig(lr=1e-3, batch_size=16, epochs=1, retrain_epochs=1)
+    plans = tuple(TaskPlan(TaskSpec(n, info.task(n).kind, num_labels=info.task(n).num_labels, prune_ratio=0.7), train)
+                  for n in tasks)
+    exp = ExperimentConfig(dataset=dataset, model=ModelConfig(num_items=info.num_items, embed_dim=8, dilations=(1, 2)),
+                           tasks=plans, seq_len=8, cluster=ClusterConfig(num_workers=2))
+    return dataclasses.replace(exp, **overrides)
+
+
+def with_task_train(exp, name, **changes):
+    tasks = tuple(dataclasses.replace(t, train=dataclasses.replace(t.train, **changes)) if t.spec.name == name else t
+                  for t in exp.tasks)
+    return dataclasses.replace(exp, tasks=tasks)
+
+
+@pytest.mark.parametrize("change, setting, old, new", [
+    (lambda e: with_task_train(e, "click", lr=5e-4), "tasks.click.train.lr", "0.001", "0.0005"),
+    (lambda e: with_task_train(e, "pretrain", epochs=3), "tasks.pretrain.train.epochs", "1", "3"),
+    (lambda e: with_task_train(e, "click", batch_size=64), "tasks.click.train.batch_size", "16", "64"),
+    (lambda e: dataclasses.replace(e, tasks=(e.tasks[0], dataclasses.replace(
+        e.tasks[1], spec=dataclasses.replace(e.tasks[1].spec, prune_ratio=0.5)))), "tasks.click.spec.prune_ratio", "0.7", "0.5"),
+    (lambda e: dataclasses.replace(e, seed=4), "seed", "0", "4"),
+    (lambda e: dataclasses.replace(e, shuffle_buffer_rows=10), "shuffle_buffer_rows", "100000", "10"),
+    (lambda e: dataclasses.replace(e, cluster=dataclasses.replace(e.cluster, zero_stage=2)), "cluster.zero_stage", "0", "2"),
+])
+def test_a_resume_with_a_setting_that_changes_results_is_refused_naming_it(dataset, tmp_path, change, setting, old, new):
+    exp = experiment(dataset)
+    open_run(exp, str(tmp_path / "run"))
+    with pytest.raises(RunDirError) as info:
+        open_run(change(exp), str(tmp_path / "run"))
+    message = str(info.value)
+    line = next(line for line in message.splitlines() if line.strip().startswith(setting + " "))
+    assert line.split()[1:] == [old, new], message
+    assert "--new-run" in message
+
+
+def test_settings_that_do_not_change_results_may_change_on_resume(dataset, tmp_path):
+    exp = experiment(dataset)
+    first = open_run(exp, str(tmp_path / "run"))
+    # The same dataset reached by another path, other workers, logging and checkpoint intervals.
+    moved = str(tmp_path / "elsewhere")
+    shutil.copytree(dataset, moved)
+    cluster = dataclasses.replace(exp.cluster, num_workers=5, log_every_steps=7, checkpoint_every_steps=3, max_failures=4)
+    again = open_run(dataclasses.replace(exp, dataset=moved, cluster=cluster), str(tmp_path / "run"))
+    assert again.manifest.data["run_id"] == first.manifest.data["run_id"]
+    assert again.manifest.data["config"]["cluster"]["num_workers"] == 5
+    changed = again.manifest.data["resumes"][-1]["changed"]
+    assert changed["cluster.num_workers"] == [2, 5] and changed["cluster.log_every_steps"] == [50, 7]
+
+
+def test_a_dataset_with_other_content_is_refused(dataset, tmp_path):
+    exp = experiment(dataset)
+    open_run(exp, str(tmp_path / "run"))
+    other = str(tmp_path / "other")
+    prepare_synthetic(TINY, other, seed=2)  # same shape, other rows
+    with pytest.raises(RunDirError, match="dataset.content"):
+        open_run(dataclasses.replace(exp, dataset=other), str(tmp_path / "run"))
+
+
+def test_only_new_tasks_may_be_added_and_old_task_settings_stay(dataset, tmp_path):
+    exp = experiment(dataset)
+    open_run(exp, str(tmp_path / "run"))
+    longer = experiment(dataset, tasks=("pretrain", "click", "age"))
+    with pytest.raises(RunDirError, match="--add-task"):
+        open_run(longer, str(tmp_path / "run"))
+    with pytest.raises(RunDirError, match="tasks.click.train.lr"):
+        open_run(with_task_train(longer, "click", lr=0.1), str(tmp_path / "run"), add_task=True)
+    extended = open_run(with_task_train(longer, "age", lr=0.1), str(tmp_path / "run"), add_task=True)
+    assert extended.manifest.data["tasks"] == ["pretrain", "click", "age"]
+    assert "heads.age.linear.weight" in extended.state.weights
+
+
+def test_new_run_moves_the_old_run_aside_and_gets_a_new_run_id(dataset, tmp_path):
+    exp = experiment(dataset)
+    rundir = RunDir(str(tmp_path / "run"))
+    first = open_run(exp, rundir.uri)
+    # What an interrupted stage leaves behind: Ray Train storage and stage inputs.
+    rundir.write_text(f"ray/{first.manifest.data['run_id']}/pretrain-train/checkpoint", "old")
+    rundir.write_text("stages/pretrain-train/weights.safetensors", "old")
+    rundir.write_text("data/dataset.json", "{}")  # a --demo dataset inside the run directory stays
+    second = open_run(dataclasses.replace(exp, seed=9), rundir.uri, new_run=True)
+    assert second.manifest.data["run_id"] != first.manifest.data["run_id"]
+    assert not rundir.exists("ray") and not rundir.exists("stages")
+    assert rundir.exists("data", "dataset.json")
+    (replaced,) = os.listdir(rundir.path("replaced"))
+    old = RunDir(rundir.path("replaced", replaced))
+    assert old.read_json("manifest.json")["run_id"] == first.manifest.data["run_id"]
+    assert old.exists("ray", first.manifest.data["run_id"], "pretrain-train", "checkpoint")
+
+
+def test_a_relative_run_directory_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rundir = RunDir("runs/x")
+    assert rundir.uri == str(tmp_path / "runs" / "x") and os.path.isabs(rundir.storage_uri("ray"))
+
+
+def test_a_second_driver_is_refused_naming_the_holder(tmp_path):
+    rundir = RunDir(str(tmp_path / "run"))
+    with RunLock(rundir):
+        held = rundir.read_json(LOCK_FILE)
+        assert held["host"] == socket.gethostname() and held["pid"] == os.getpid()
+        with pytest.raises(RunDirError, match=f"in use by another driver .*pid {os.getpid()}"):
+            RunLock(rundir).acquire()
+    assert not rundir.exists(LOCK_FILE)  # released
+    RunLock(rundir).acquire().release()
+
+
+def test_a_stale_lock_is_taken_over(tmp_path):
+    rundir = RunDir(str(tmp_path / "run"))
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(ended.stdout)
+    rundir.write_json(LOCK_FILE, {"host": socket.gethostname(), "pid": dead_pid, "token": "x", "heartbeat": time.time()})
+    lock = RunLock(rundir).acquire()
+    assert rundir.read_json(LOCK_FILE)["pid"] == os.getpid()
+    lock.release()
+    # Another host: only the heartbeat can tell.
+    rundir.write_json(LOCK_FILE, {"host": "elsewhere", "pid": 1, "token": "y", "heartbeat": time.time()})
+    with pytest.raises(RunDirError, match="host elsewhere"):
+        RunLock(rundir).acquire()
+    rundir.write_json(LOCK_FILE, {"host": "elsewhere", "pid": 1, "token": "y", "heartbeat": time.time() - 3600})
+    RunLock(rundir, stale_after_s=600).acquire().release()
+
+
+def test_the_heartbeat_keeps_the_lock_fresh(tmp_path):
+    rundir = RunDir(str(tmp_path / "run"))
+    lock = RunLock(rundir, heartbeat_s=0.05).acquire()
+    first = rundir.read_json(LOCK_FILE)["heartbeat"]
+    time.sleep(0.3)
+    assert rundir.read_json(LOCK_FILE)["heartbeat"] > first
+    lock.release()
+    assert json.dumps(rundir.entries()) == "[]"
