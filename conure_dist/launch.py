@@ -58,6 +58,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--batch-size", type=int, help="global batch of every later task (T1 keeps its own)")
     train.add_argument("--embed-dim", type=int)
     train.add_argument("--seq-len", type=int)
+    train.add_argument("--shuffle-buffer", type=int,
+                       help="rows each worker shuffles per epoch (default 100000; 0: stored order)")
     cluster = parser.add_argument_group("cluster")
     cluster.add_argument("--workers", type=int, default=2, help="Ray Train workers per stage")
     cluster.add_argument("--gpus-per-worker", type=float, default=0.0, help="0: train on CPUs")
@@ -109,8 +111,9 @@ def build_experiment(args: argparse.Namespace, setting: Setting, dataset_dir: st
         precision=args.precision, max_failures=args.max_failures, checkpoint_every_steps=args.checkpoint_every,
         log_every_steps=args.log_every,
     )
+    shuffle = {} if getattr(args, "shuffle_buffer", None) is None else {"shuffle_buffer_rows": args.shuffle_buffer}
     exp = ExperimentConfig(dataset=os.path.abspath(dataset_dir), model=model, tasks=tuple(plans), method=args.method,
-                           seq_len=args.seq_len or setting.seq_len, seed=args.seed, cluster=cluster)
+                           seq_len=args.seq_len or setting.seq_len, seed=args.seed, cluster=cluster, **shuffle)
     # Each worker asks Ray for the memory its largest stage needs, so an autoscaling cluster
     # brings up nodes that fit a bigger catalogue instead of failing with out-of-memory.
     memory = int(resource_plan(exp).resources.get("memory", 0))

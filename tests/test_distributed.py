@@ -203,18 +203,21 @@ def test_a_stage_resumed_inside_an_epoch_equals_the_uninterrupted_stage(dataset,
 
 
 def test_new_run_starts_over_and_never_reuses_the_old_runs_checkpoints(dataset, ray_cluster, tmp_path):
+    """Ray Train resumes any fit with the same name: a new run must not pick up the old run's
+    stage (for T1 nothing is frozen, so no merge check would notice)."""
     import dataclasses
 
-    from conure_dist.train.coordinator import run_experiment
+    from conure_dist.model import Stage
+    from conure_dist.train.coordinator import open_run
+    from conure_dist.train.executor import RayExecutor
 
     exp = experiment(dataset, tasks=("pretrain",))
-    train = dataclasses.replace(exp.tasks[0].train, epochs=1, retrain_epochs=0)
+    train = dataclasses.replace(exp.tasks[0].train, epochs=1)
     exp = dataclasses.replace(exp, tasks=(dataclasses.replace(exp.tasks[0], train=train),))
-    run_dir = str(tmp_path / "run")
-    run_experiment(exp, run_dir)
-    rundir = RunDir(run_dir)
-    first = rundir.read_tensors("state/weights-pretrain-commit.safetensors")
-    run_experiment(dataclasses.replace(exp, seed=5), run_dir, new_run=True)
-    second = rundir.read_tensors("state/weights-pretrain-commit.safetensors")
-    assert not torch.equal(first["backbone.embedding.weight"], second["backbone.embedding.weight"])
-    assert rundir.read_json("manifest.json")["config"]["seed"] == 5
+    trained = []
+    for seed, new_run in ((0, False), (5, True)):
+        run = open_run(dataclasses.replace(exp, seed=seed), str(tmp_path / "run"), new_run=new_run)
+        executor = RayExecutor(run.exp, run.rundir, run.manifest)
+        trained.append(executor.train(run.exp.tasks[0], 1, Stage.TRAIN, run.state.weights, run.state.owners))
+    assert not torch.equal(trained[0]["backbone.embedding.weight"], trained[1]["backbone.embedding.weight"])
+    assert RunDir(str(tmp_path / "run")).read_json("manifest.json")["config"]["seed"] == 5

@@ -162,3 +162,26 @@ def test_the_heartbeat_keeps_the_lock_fresh(tmp_path):
     assert rundir.read_json(LOCK_FILE)["heartbeat"] > first
     lock.release()
     assert json.dumps(rundir.entries()) == "[]"
+
+
+def test_job_paths_are_resolved_in_the_driver_and_uris_stay(tmp_path, monkeypatch):
+    import argparse
+
+    from conure_dist.launch import resolve_local_paths
+
+    monkeypatch.chdir(tmp_path)
+    args = resolve_local_paths(argparse.Namespace(run_dir="runs/demo", data="s3://bucket/data", raw="../ml", raw_ttl=None))
+    assert args.run_dir == str(tmp_path / "runs" / "demo")
+    assert args.data == "s3://bucket/data"
+    assert args.raw == os.path.normpath(str(tmp_path / ".." / "ml")) and args.raw_ttl is None
+
+
+def test_a_failed_stage_ends_the_job_with_one_line_and_status_1(capsys):
+    from conure_dist.launch import main_guard
+    from conure_dist.train.loop import NonFiniteLoss
+
+    def job(argv):
+        raise NonFiniteLoss("task click, train stage: the loss became nan at step 3 (epoch 1, batch 3)")
+
+    assert main_guard(job) == 1
+    assert capsys.readouterr().err == "error: task click, train stage: the loss became nan at step 3 (epoch 1, batch 3)\n"
