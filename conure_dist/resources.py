@@ -73,6 +73,7 @@ EVAL_BATCH_FACTOR = 4
 # Same values as model/freeze.py (not imported: sizing must not import torch).
 GUARD_LARGE_TENSOR_ELEMENTS = 16 * 2**20
 GUARD_CHUNK_ELEMENTS = 2**20
+GUARD_CHUNK_ELEMENTS_GPU = 8 * 2**20
 GUARD_CHECKSUM_BYTES_PER_CHUNK = 2 * 8
 GUARD_BUFFER_BYTES_PER_ELEMENT = 2 * 8
 
@@ -310,13 +311,14 @@ def _guard_bytes(i: SizingInputs, p: dict[str, int], lp: int) -> int:
         tensors.append((f, lp, 3 * i.num_conv_layers))  # conv bias, LayerNorm scale and shift
     total = frozen_heads * lp
     largest_summed = 0
+    chunk = GUARD_CHUNK_ELEMENTS_GPU if i.use_gpu else GUARD_CHUNK_ELEMENTS
     for numel, size, count in tensors:
         if numel > GUARD_LARGE_TENSOR_ELEMENTS:
-            total += count * math.ceil(numel / GUARD_CHUNK_ELEMENTS) * GUARD_CHECKSUM_BYTES_PER_CHUNK
+            total += count * math.ceil(numel / chunk) * GUARD_CHECKSUM_BYTES_PER_CHUNK
             largest_summed = max(largest_summed, numel)
         else:
             total += count * numel * size
-    return total + min(largest_summed, GUARD_CHUNK_ELEMENTS) * GUARD_BUFFER_BYTES_PER_ELEMENT
+    return total + min(largest_summed, chunk) * GUARD_BUFFER_BYTES_PER_ELEMENT
 
 
 def _device_components(i: SizingInputs) -> tuple[dict[str, int], dict[str, int]]:

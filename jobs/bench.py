@@ -12,6 +12,11 @@ a masked view (T2 train: T1 owns 30 %, the rest trainable), same batch, interlea
 
     python jobs/bench.py masks
 
+``guard``: the per-step cost and the memory of the frozen guard on a TTL-sized frozen item
+table (646K x 256): an exact copy compared bit for bit, against per-chunk checksums.
+
+    python jobs/bench.py guard --device cuda --dtype bf16
+
 ``batch-mix``: how mixed a training batch is: distinct users per batch of one task's train
 split, read the way stage workers read it (seeded file order, exactly-once split, per-epoch
 shuffle buffer), against the stored order (no per-epoch shuffle).
@@ -216,6 +221,63 @@ def run_masks(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_guard(args: argparse.Namespace) -> int:
+    import statistics
+
+    import torch
+
+    from conure_dist.model import FrozenGuard, FrozenWeightsChanged
+
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+
+    class Table(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(args.rows, args.dim, device=device).to(dtype),
+                                             requires_grad=False)
+
+    table = Table()
+    guards = {"exact copy": FrozenGuard(table, large_tensor_elements=args.rows * args.dim + 1),
+              "checksums": FrozenGuard(table)}
+    if guards["checksums"].checksummed != ["weight"]:
+        raise RuntimeError("the table is below the checksum threshold; raise --rows or --dim")
+
+    def timed(guard) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        guard.check()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    times = {name: [] for name in guards}
+    for _ in range(args.warmup):
+        for guard in guards.values():
+            timed(guard)
+    for _ in range(args.repeats):  # interleaved
+        for name, guard in guards.items():
+            times[name].append(timed(guard))
+    with torch.no_grad():  # one changed entry must be caught by both
+        table.weight.view(-1)[args.rows * args.dim // 2] += 1
+    caught = {}
+    for name, guard in guards.items():
+        try:
+            guard.check()
+            caught[name] = False
+        except FrozenWeightsChanged:
+            caught[name] = True
+    print(f"frozen table {args.rows:,} x {args.dim} {args.dtype} on {device} "
+          f"({table.weight.numel() * table.weight.element_size() / 2**20:,.1f} MiB), {args.repeats} interleaved checks")
+    print("| guard | check, median ms | min ms | memory held, MiB | caught one changed entry |")
+    print("|---|---|---|---|---|")
+    for name, guard in guards.items():
+        print(f"| {name} | {1e3 * statistics.median(times[name]):.2f} | {1e3 * min(times[name]):.2f} | "
+              f"{guard.snapshot_bytes / 2**20:,.1f} | {caught[name]} |")
+    return 0
+
+
 def run_batch_mix(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
@@ -292,6 +354,14 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     m.add_argument("--device", default="cpu")
     m.set_defaults(func=run_masks)
+    g = sub.add_parser("guard", help="frozen guard: exact copy vs checksums on a TTL-sized item table")
+    g.add_argument("--rows", type=int, default=646_001)
+    g.add_argument("--dim", type=int, default=256)
+    g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    g.add_argument("--repeats", type=int, default=10)
+    g.add_argument("--warmup", type=int, default=2)
+    g.add_argument("--device", default="cpu")
+    g.set_defaults(func=run_guard)
     b = sub.add_parser("batch-mix", help="distinct users per training batch, stored order vs per-epoch shuffle")
     b.add_argument("--data", required=True, help="prepared dataset")
     b.add_argument("--task", required=True)

@@ -105,21 +105,21 @@ def test_tiny_item_task_bf16_gpu_zero2_by_hand():
 def test_guard_checksums_the_large_frozen_tables_at_ttl_scale():
     plan = plan_worker(replace(TTL, task_kind="item", total_label_space=26_016))
     # embedding and T1 output weight: 646,001 x 256 = 165,376,256 elements > 16 Mi each ->
-    # 158 chunks of 1 Mi x 16 B, plus one 1 Mi int64 buffer and its weights (16 MiB);
+    # on a GPU 20 chunks of 8 Mi x 16 B, plus one 8 Mi int64 buffer and its weights (128 MiB);
     # copies: 16 conv layers x 196,608 x (2 + 1) B, the T1 output bias 646,001 x 2 B,
     # 16 x 3 x 256 biases/LayerNorms x 2 B, the other head (26,016 - 18,000) x 257 x 2 B
     expected = (
-        2 * 158 * 16 + 16 * MiB
+        2 * 20 * 16 + 128 * MiB
         + 16 * 196_608 * 3 + 646_001 * 2 + 16 * 768 * 2 + 8_016 * 257 * 2
     )
     assert plan.components["frozen_guard_copies"] == expected
     full_copies = 2 * 165_376_256 * 2  # what cloning both tables in bf16 would hold
-    assert expected < full_copies / 10
+    assert expected < full_copies / 4
 
     pruned = plan_worker(replace(TTL, task_kind="item", prune_embedding=True))
     # the embedding is watched through its frozen values and its bool mask, both checksummed
     assert pruned.components["frozen_guard_copies"] == (
-        3 * 158 * 16 + 16 * MiB + 16 * 196_608 * 3 + 646_001 * 2 + 16 * 768 * 2
+        3 * 20 * 16 + 128 * MiB + 16 * 196_608 * 3 + 646_001 * 2 + 16 * 768 * 2
     )
 
 
@@ -128,6 +128,7 @@ def test_guard_constants_match_the_guard():
 
     assert resources.GUARD_LARGE_TENSOR_ELEMENTS == freeze.LARGE_TENSOR_ELEMENTS
     assert resources.GUARD_CHUNK_ELEMENTS == freeze.CHECKSUM_CHUNK_ELEMENTS
+    assert resources.GUARD_CHUNK_ELEMENTS_GPU == freeze.CHECKSUM_CHUNK_ELEMENTS_CUDA
 
 
 def test_zero1_shards_optimizer_but_not_gradients():

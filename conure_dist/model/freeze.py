@@ -34,6 +34,9 @@ LARGE_TENSOR_ELEMENTS = 16 * 2**20
 # Elements per checksum chunk: the unit a mismatch is reported in, and the size of the int64
 # working buffer (8 MiB) the checksum streams through, so no full-size temporary is made.
 CHECKSUM_CHUNK_ELEMENTS = 2**20
+# On a GPU the chunk loop is bound by kernel launches (measured on an H200: 9.2 ms per check of
+# a 646K x 256 table at 1 Mi elements per chunk), so chunks are 8x larger there (64 MiB buffer).
+CHECKSUM_CHUNK_ELEMENTS_CUDA = 8 * 2**20
 
 # Integer dtype of the same width, to read a tensor's raw bits (NaN-safe, -0.0 != 0.0).
 _BITS_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -145,6 +148,7 @@ class FrozenGuard:
                 watched[f"{name}.weight_trainable"] = module.weight_trainable
         # read at call time, so that a test or a job can lower the module constants
         large = LARGE_TENSOR_ELEMENTS if large_tensor_elements is None else large_tensor_elements
+        chunk_cuda = CHECKSUM_CHUNK_ELEMENTS_CUDA if chunk_elements is None else chunk_elements
         chunk = CHECKSUM_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
         self.context = context
         self._watched = watched
@@ -156,7 +160,7 @@ class FrozenGuard:
             for name, t in watched.items():
                 # a non-contiguous view would need a full-size flattened temporary per check
                 if t.numel() > large and t.is_contiguous():
-                    self._checksums[name] = _ChunkChecksum(t, chunk, self._buffers)
+                    self._checksums[name] = _ChunkChecksum(t, chunk_cuda if t.is_cuda else chunk, self._buffers)
                 else:
                     self._copies[name] = t.detach().clone()
 
