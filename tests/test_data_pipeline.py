@@ -25,7 +25,7 @@ def info(tmp_path_factory):
 
 @pytest.fixture
 def ray_session(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "20")
+    monkeypatch.setenv("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "180")
     monkeypatch.setenv("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")

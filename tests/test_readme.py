@@ -50,7 +50,7 @@ def test_the_readme_main_command_runs_from_a_fresh_copy_with_relative_paths(tmp_
             shutil.copy2(os.path.join(REPO, rel), copy / rel)
     os.symlink(os.path.dirname(os.path.dirname(sys.executable)), copy / ".venv")
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp"),
-           "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "60"}
+           "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "180"}
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run([*job, *REDUCED], cwd=copy, env=env, capture_output=True, text=True, timeout=900)
     out = done.stdout + done.stderr
