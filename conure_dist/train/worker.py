@@ -121,8 +121,10 @@ def stage_worker(config: dict[str, Any]) -> None:
     fail_marker = config.get("fail_marker")
     attempt = f"a{int(config['fit_started'] * 1000) % 10**10}"
 
+    stage_seed = exp.seed * 7919 + hash_task(spec.name, stage)
+
     def batches(epoch: int):
-        return epoch_batches(train_shard, epoch=epoch, rank=rank, seed=exp.seed * 7919 + hash_task(spec.name, stage),
+        return epoch_batches(train_shard, epoch=epoch, rank=rank, seed=stage_seed,
                              shuffle_rows=exp.shuffle_buffer_rows, batch_size=micro_batch, seq_len=exp.seq_len,
                              with_label=with_label)
 
@@ -167,7 +169,7 @@ def stage_worker(config: dict[str, Any]) -> None:
         progress, best = run_stage(
             model=model, stepper=stepper, loss_fn=loss_fn, train_batches=batches, validate=validate,
             metric=main_metric(spec, train.metric_k), epochs=epochs, patience=train.patience, l2=train.l2,
-            l2_scope=train.l2_scope, seed=exp.seed * 7919 + hash_task(spec.name, stage) + rank, device=device,
+            l2_scope=train.l2_scope, seed=stage_seed + rank, device=device,
             progress=progress, best=best, snapshot=stepper.fp32_weights, on_step=on_step, on_epoch_end=on_epoch_end,
             name=f"task {spec.name}, {stage.value} stage",
         )
