@@ -192,6 +192,45 @@ class ClusterConfig:
         return "bf16" if self.use_gpu else "fp32"
 
 
+# DeepSpeed keys the product sets from its own options (a user's ``deepspeed:`` section may not):
+# key -> the option that sets it.
+DEEPSPEED_OWNED = {
+    "train_batch_size": "first_task/later_tasks.batch_size",
+    "train_micro_batch_size_per_gpu": "the global batch divided by cluster.num_workers",
+    "gradient_accumulation_steps": "(always 1: each step is one global batch)",
+    "optimizer": "first_task/later_tasks: optimizer, lr, weight_decay",
+    "zero_optimization.stage": "cluster.zero_stage",
+    "bf16": "cluster.precision",
+}
+# Settings refused because they would break masking or are untested with it.
+DEEPSPEED_REFUSED = {
+    "fp16": "fp16 loss scaling is untested with masked weights; use cluster.precision: bf16",
+    "zero_optimization.offload_optimizer": "optimizer offload is untested with masked weights",
+    "zero_optimization.offload_param": "parameter offload is ZeRO-3 only, which masking cannot follow",
+    "zero_optimization.stage3_param_persistence_threshold": "ZeRO-3 only, which masking cannot follow",
+    "zero_optimization.stage3_max_live_parameters": "ZeRO-3 only, which masking cannot follow",
+}
+
+
+def _dotted_keys(value: Any, prefix: str = "") -> list[str]:
+    if not isinstance(value, dict):
+        return [prefix]
+    keys = [prefix] if prefix else []
+    for k, v in value.items():
+        keys += _dotted_keys(v, f"{prefix}.{k}" if prefix else str(k))
+    return keys
+
+
+def check_deepspeed_section(section: dict) -> None:
+    """Refuse a user's DeepSpeed setting that the product owns or that breaks masking, with the reason."""
+    _require(isinstance(section, dict), "deepspeed", "a mapping of DeepSpeed config keys")
+    for key in _dotted_keys(section):
+        if key in DEEPSPEED_OWNED:
+            raise ConfigError(f"deepspeed.{key}: set by conure_dist from {DEEPSPEED_OWNED[key]}; set that instead")
+        if key in DEEPSPEED_REFUSED:
+            raise ConfigError(f"deepspeed.{key}: refused: {DEEPSPEED_REFUSED[key]}")
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Everything a distributed run is: data, model, tasks in order, method, cluster."""
@@ -206,9 +245,12 @@ class ExperimentConfig:
     # top of a per-stage order of the Parquet blocks; 0 turns the per-epoch shuffle off.
     shuffle_buffer_rows: int = 100_000
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    # Merged into the generated DeepSpeed config (keys in DEEPSPEED_OWNED / _REFUSED refused).
+    deepspeed: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _require(len(self.tasks) >= 1, "tasks", "at least one task")
+        check_deepspeed_section(self.deepspeed)
         _require(self.seq_len >= 2, "seq_len", "must be >= 2")
         _require(self.shuffle_buffer_rows >= 0, "shuffle_buffer_rows", "must be >= 0")
         object.__setattr__(self, "tasks", tuple(self.tasks))

@@ -1,8 +1,9 @@
-"""Shared command line of the job entry points (jobs/ttl.py, jobs/movielens.py).
+"""Shared command line of the jobs (``conure-dist train``, ``python -m conure_dist.jobs.ttl``,
+``jobs/ttl.py``, ...).
 
-A job is a :class:`Setting` (the paper's defaults for one dataset) plus this command line.
-Precedence: command line > the setting's defaults. The job connects to a running Ray cluster
-when there is one (``ray job submit``), and starts an embedded local Ray otherwise.
+A job is a run config (:mod:`conure_dist.runconfig`: a shipped preset, the user's config files,
+then this command line, which wins) and a prepared dataset. The job connects to a running Ray
+cluster when there is one (``ray job submit``), and starts an embedded local Ray otherwise.
 """
 
 from __future__ import annotations
@@ -11,23 +12,11 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
-from typing import Sequence
+from dataclasses import replace
+from typing import Any, Sequence
 
-from conure_dist.config import ClusterConfig, ConfigError, ExperimentConfig, ModelConfig, TaskPlan, TaskSpec, TrainConfig
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One dataset's defaults: model shape, and per-task training settings in task order."""
-
-    name: str
-    model: ModelConfig
-    first: TrainConfig  # T1
-    later: TrainConfig  # every later task
-    ratios: tuple[float, ...]
-    l2_overrides: dict[int, float] = field(default_factory=dict)  # task number -> l2
-    seq_len: int = 100
+from conure_dist import __version__
+from conure_dist.config import ConfigError, ExperimentConfig, TaskPlan, TaskSpec
 
 
 QUIET_ENV = {
@@ -37,38 +26,79 @@ QUIET_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 
+# Named options -> config keys (see conure_dist/runconfig.py); applied over the config files.
+OPTION_KEYS = {
+    "data": "data", "run_dir": "run_dir", "raw": "source.raw", "method": "method", "seed": "seed",
+    "embed_dim": "model.embed_dim", "backbone": "model.backbone", "seq_len": "seq_len",
+    "shuffle_buffer": "shuffle_buffer_rows", "first_batch_size": "first_task.batch_size",
+    "workers": "cluster.num_workers", "cpus_per_worker": "cluster.cpus_per_worker",
+    "zero_stage": "cluster.zero_stage", "precision": "cluster.precision", "max_failures": "cluster.max_failures",
+    "checkpoint_every": "cluster.checkpoint_every_steps", "log_every": "cluster.log_every_steps",
+}
+# Named options that set a key of every task (T1, later tasks and each per-task override).
+EVERY_TASK_KEYS = {"epochs": "epochs", "retrain_epochs": "retrain_epochs"}
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+
+def add_run_arguments(parser: argparse.ArgumentParser, preset: str) -> None:
+    """Options of a run; defaults come from the config (``preset``, then --config files), and
+    every option given on the command line wins over both."""
+    from conure_dist import runconfig
+
+    base = runconfig.to_run_config(runconfig.load_config(preset))
+
+    def d(value) -> str:
+        return f" (preset {preset}: {value})"
+
+    config = parser.add_argument_group("config (command line > --config files > --preset)")
+    config.add_argument("--preset", default=None, choices=runconfig.preset_names(),
+                        help=f"shipped config to start from (default {preset}; conure-dist config show NAME)")
+    config.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="YAML config file (local path or URI); repeat to layer several, later ones win")
+    config.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="set any config key, e.g. --set later_tasks.lr=3e-4 --set tasks.like.l2=0.05")
+    config.add_argument("--print-config", action="store_true", help="print the fully resolved config (YAML) and exit")
     data = parser.add_argument_group("data")
-    data.add_argument("--data", help="prepared dataset directory (conure-dist prepare ...)")
+    data.add_argument("--data", help="prepared dataset: directory or URI (s3://, gs://) made by conure-dist prepare")
     data.add_argument("--tasks", help="comma-separated task order (default: the dataset's order); T1 first")
     run = parser.add_argument_group("run")
     run.add_argument("--run-dir", help="run directory: local path or URI (s3://, gs://); rerun to resume")
     run.add_argument("--new-run", action="store_true", help="start over in --run-dir even if it holds a run")
     run.add_argument("--add-task", action="store_true", help="extend a committed run with the new tasks at the end of --tasks")
-    run.add_argument("--method", default="conure", choices=["conure", "sinmoall"])
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--dry-run", action="store_true", help="print the resource plan per worker and exit")
+    run.add_argument("--method", choices=["conure", "sinmoall"],
+                     help="conure: prune and retrain, nothing forgotten; sinmoall: one model fine-tuned on every "
+                          f"task in turn (forgets){d(base.method)}")
+    run.add_argument("--seed", type=int, help=f"seed of initialisation, sampling and data order{d(base.seed)}")
+    run.add_argument("--dry-run", action="store_true",
+                     help="check the config, the task order and the per-worker resource plan, print the plan and exit")
+    run.add_argument("--gpu-memory", metavar="SIZE|CARD",
+                     help="with --dry-run: check the plan against a GPU, e.g. 80GiB, 24GB or a card name (h100, a10g, ...)")
     run.add_argument("--in-process", action="store_true",
                      help="run every stage in this process without Ray or DeepSpeed (debugging; no run directory)")
+    run.add_argument("--log-level", choices=["info", "debug"], default="info",
+                     help="info: one line per stage event and epoch; debug: also every Ray worker's output (default info)")
     train = parser.add_argument_group("training")
-    train.add_argument("--ratios", help="comma-separated prune ratios, one per task")
-    train.add_argument("--epochs", type=int, help="train epochs of every task")
-    train.add_argument("--retrain-epochs", type=int, help="retrain epochs of every task")
-    train.add_argument("--batch-size", type=int, help="global batch of every later task (T1 keeps its own)")
-    train.add_argument("--embed-dim", type=int)
-    train.add_argument("--seq-len", type=int)
-    train.add_argument("--shuffle-buffer", type=int,
-                       help="rows each worker shuffles per epoch (default 100000; 0: stored order)")
+    train.add_argument("--ratios", help=f"comma-separated prune ratios, one per task{d(base.prune_ratios)}")
+    train.add_argument("--epochs", type=int, help="train epochs of every task "
+                       f"(preset {preset}: {base.first_task.epochs} for T1, {base.later_tasks.epochs} after)")
+    train.add_argument("--retrain-epochs", type=int, help="retrain epochs of every task "
+                       f"(preset {preset}: {base.first_task.retrain_epochs} for T1, {base.later_tasks.retrain_epochs} after)")
+    train.add_argument("--batch-size", type=int, help=f"global batch of every later task{d(base.later_tasks.batch_size)}")
+    train.add_argument("--first-batch-size", type=int, help=f"global batch of T1{d(base.first_task.batch_size)}")
+    train.add_argument("--embed-dim", type=int, help=f"embedding width f{d(base.model.embed_dim)}")
+    train.add_argument("--backbone", choices=["nextitnet", "transformer"], help=f"the shared network{d(base.model.backbone)}")
+    train.add_argument("--seq-len", type=int, help=f"longest user sequence{d(base.seq_len)}")
+    train.add_argument("--shuffle-buffer", type=int, help=f"rows each worker shuffles per epoch, 0: stored order{d(base.shuffle_buffer_rows)}")
     cluster = parser.add_argument_group("cluster")
-    cluster.add_argument("--workers", type=int, default=2, help="Ray Train workers per stage")
-    cluster.add_argument("--gpus-per-worker", type=float, default=0.0, help="0: train on CPUs")
-    cluster.add_argument("--cpus-per-worker", type=float, help="default 0.5 on CPU (leaves room for Ray Data), 4 on GPU")
-    cluster.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2])
-    cluster.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    cluster.add_argument("--max-failures", type=int, default=1)
-    cluster.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: each epoch)")
-    cluster.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
+    cluster.add_argument("--workers", type=int, help=f"Ray Train workers per stage{d(base.cluster.num_workers)}")
+    cluster.add_argument("--gpus-per-worker", type=float, help="GPUs per worker; 0: train on CPUs (default: the config's)")
+    cluster.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (default 0.5 on CPU, leaving room for Ray Data; 4 on GPU)")
+    cluster.add_argument("--zero-stage", type=int, choices=[0, 1, 2], help=f"DeepSpeed ZeRO stage{d(base.cluster.zero_stage)}")
+    cluster.add_argument("--precision", choices=["auto", "fp32", "bf16"], help=f"auto: bf16 on GPU, fp32 on CPU{d(base.cluster.precision)}")
+    cluster.add_argument("--max-failures", type=int, help=f"worker failures retried per stage{d(base.cluster.max_failures)}")
+    cluster.add_argument("--checkpoint-every", type=int, help=f"steps between checkpoints, 0: each epoch end{d(base.cluster.checkpoint_every_steps)}")
+    cluster.add_argument("--log-every", type=int, help=f"steps between progress lines in the log file{d(base.cluster.log_every_steps)}")
+    cluster.add_argument("--deepspeed-config", metavar="FILE",
+                         help="DeepSpeed JSON merged into the generated config (same as the config's deepspeed: section)")
 
 
 def _floats(text: str, option: str) -> list[float]:
@@ -78,49 +108,105 @@ def _floats(text: str, option: str) -> list[float]:
         raise ConfigError(f"{option}: comma-separated numbers expected, got {text!r}") from e
 
 
-def build_experiment(args: argparse.Namespace, setting: Setting, dataset_dir: str) -> ExperimentConfig:
-    """The experiment from the setting's defaults, the dataset's tasks and the command line."""
+def command_line_updates(args: argparse.Namespace, cfg) -> list[tuple[str, Any]]:
+    """``(config key, value)`` for each named option given on the command line."""
+    updates = [(key, getattr(args, name)) for name, key in OPTION_KEYS.items() if getattr(args, name, None) is not None]
+    if getattr(args, "tasks", None):
+        updates.append(("task_order", [t.strip() for t in args.tasks.split(",") if t.strip()]))
+    if getattr(args, "ratios", None):
+        updates.append(("prune_ratios", _floats(args.ratios, "--ratios")))
+    if getattr(args, "batch_size", None) is not None:
+        updates.append(("later_tasks.batch_size", args.batch_size))
+    for name, key in EVERY_TASK_KEYS.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        updates += [(f"first_task.{key}", value), (f"later_tasks.{key}", value)]
+        updates += [(f"tasks.{task}.{key}", value) for task, o in cfg.tasks.items() if o[key] is not None]
+    gpus = getattr(args, "gpus_per_worker", None)
+    if gpus is not None:
+        updates.append(("cluster.use_gpu", gpus > 0))
+        if gpus > 0:
+            updates.append(("cluster.gpus_per_worker", gpus))
+    if getattr(args, "deepspeed_config", None):
+        updates.append(("deepspeed", _deepspeed_file(args.deepspeed_config)))
+    return updates
+
+
+def _deepspeed_file(path: str) -> dict:
+    import json
+
+    from conure_dist import storage
+
+    try:
+        data = json.loads(storage.read_bytes(storage.resolve(path)))
+    except FileNotFoundError:
+        raise ConfigError(f"--deepspeed-config: {path}: not found") from None
+    except ValueError as e:
+        raise ConfigError(f"--deepspeed-config: {path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--deepspeed-config: {path}: a JSON object expected")
+    return data
+
+
+def resolve_config(args: argparse.Namespace, preset: str):
+    """The run's merged config: preset < --config files < named options < --set; local paths
+    made absolute (once, in the driver: Ray workers run in directories of their own)."""
+    from conure_dist import runconfig, storage
+
+    preset = args.preset or preset
+    cfg = runconfig.load_config(preset, args.config)
+    cfg = runconfig.load_config(preset, args.config, args.overrides, command_line_updates(args, cfg))
+    for key in ("data", "run_dir"):
+        if cfg[key]:
+            cfg[key] = storage.resolve(cfg[key])
+    if cfg.source.raw:
+        cfg.source.raw = storage.resolve(cfg.source.raw)
+    return cfg
+
+
+def build_experiment(rc, dataset: str) -> ExperimentConfig:
+    """The experiment from the run config (:class:`conure_dist.runconfig.RunConfig`) and the
+    prepared dataset's tasks."""
+    from conure_dist import runconfig, storage
     from conure_dist.data.format import load_dataset_info
 
-    info = load_dataset_info(dataset_dir)
+    info = load_dataset_info(dataset)
     available = {t.name: t for t in info.tasks}
-    order = [t.strip() for t in args.tasks.split(",")] if args.tasks else [t.name for t in info.tasks]
+    order = list(rc.task_order) if rc.task_order else [t.name for t in info.tasks]
     unknown = [t for t in order if t not in available]
     if unknown:
-        raise ConfigError(f"--tasks: {unknown} not in {dataset_dir} (has {list(available)})")
-    ratios = _floats(args.ratios, "--ratios") if args.ratios else list(setting.ratios)
-    if len(ratios) < len(order):
-        raise ConfigError(f"--ratios: {len(ratios)} ratios for {len(order)} tasks")
+        raise ConfigError(f"task_order (--tasks): {unknown} not in {dataset} (has {list(available)})")
+    if len(set(order)) != len(order):
+        raise ConfigError(f"task_order (--tasks): a task appears twice in {order}")
+    if available[order[0]].kind != "sequence":
+        raise ConfigError(f"task_order (--tasks): T1 must be a sequence task (next-item prediction); "
+                          f"{order[0]!r} is an {available[order[0]].kind} task")
+    strays = sorted(set(rc.tasks) - set(available))
+    if strays:
+        raise ConfigError(f"tasks: overrides for {strays}, which {dataset} does not have (has {list(available)})")
+    if len(rc.prune_ratios) < len(order):
+        raise ConfigError(f"prune_ratios (--ratios): {len(rc.prune_ratios)} ratios for {len(order)} tasks")
     plans = []
     for i, name in enumerate(order):
         t = available[name]
-        train = setting.first if i == 0 else setting.later
-        updates = {k: v for k, v in (("epochs", args.epochs), ("retrain_epochs", args.retrain_epochs)) if v is not None}
-        if i > 0 and args.batch_size:
-            updates["batch_size"] = args.batch_size
-        if i + 1 in setting.l2_overrides:
-            updates["l2"] = setting.l2_overrides[i + 1]
-        spec = TaskSpec(name, t.kind, num_labels=t.num_labels if t.kind != "sequence" else 0, prune_ratio=ratios[i])
-        plans.append(TaskPlan(spec, replace(train, seed=args.seed, **updates)))
-    model = replace(setting.model, num_items=info.num_items,
-                    **({"embed_dim": args.embed_dim} if args.embed_dim else {}))
-    use_gpu = args.gpus_per_worker > 0
-    cluster = ClusterConfig(
-        num_workers=args.workers, use_gpu=use_gpu, gpus_per_worker=args.gpus_per_worker or 1.0,
-        cpus_per_worker=args.cpus_per_worker or (4.0 if use_gpu else 0.5), zero_stage=args.zero_stage,
-        precision=args.precision, max_failures=args.max_failures, checkpoint_every_steps=args.checkpoint_every,
-        log_every_steps=args.log_every,
-    )
-    shuffle = {} if getattr(args, "shuffle_buffer", None) is None else {"shuffle_buffer_rows": args.shuffle_buffer}
-    exp = ExperimentConfig(dataset=os.path.abspath(dataset_dir), model=model, tasks=tuple(plans), method=args.method,
-                           seq_len=args.seq_len or setting.seq_len, seed=args.seed, cluster=cluster, **shuffle)
+        train, spec_overrides = runconfig.train_config(rc, name, i, rc.seed)
+        spec = TaskSpec(name, t.kind, num_labels=t.num_labels if t.kind != "sequence" else 0,
+                        prune_ratio=rc.prune_ratios[i], **spec_overrides)
+        plans.append(TaskPlan(spec, train))
+    cluster = runconfig.cluster_config(rc)
+    exp = ExperimentConfig(dataset=storage.resolve(dataset), model=runconfig.model_config(rc, info.num_items),
+                           tasks=tuple(plans), method=rc.method, seq_len=rc.seq_len, seed=rc.seed,
+                           shuffle_buffer_rows=rc.shuffle_buffer_rows, cluster=cluster, deepspeed=dict(rc.deepspeed))
+    if cluster.memory_per_worker:
+        return exp
     # Each worker asks Ray for the memory its largest stage needs, so an autoscaling cluster
     # brings up nodes that fit a bigger catalogue instead of failing with out-of-memory.
     memory = int(resource_plan(exp).resources.get("memory", 0))
     return replace(exp, cluster=replace(cluster, memory_per_worker=memory))
 
 
-def resource_plan(exp: ExperimentConfig):
+def resource_plan(exp: ExperimentConfig, gpu_memory: int | None = None):
     """The worker plan of the run's largest stage (memory by component, Ray resource request)."""
     from conure_dist.resources import SizingInputs, plan_run
 
@@ -135,15 +221,17 @@ def resource_plan(exp: ExperimentConfig):
     )
     later = max((t.train.batch_size for t in exp.tasks[1:]), default=None)
     return plan_run(inputs, later_batch_size=later, cpus_per_worker=exp.cluster.cpus_per_worker,
-                    gpus_per_worker=exp.cluster.gpus_per_worker)
+                    gpus_per_worker=exp.cluster.gpus_per_worker, gpu_memory_bytes=gpu_memory)
 
 
-def connect_ray(num_cpus_hint: int | None = None) -> None:
+def connect_ray(num_cpus_hint: int | None = None, *, worker_output: bool = False) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it; ``RAY_ADDRESS=auto``
     joins a ``ray start`` cluster on this machine), else start a private local Ray.
 
     A private local Ray never joins another program's embedded Ray by accident: two runs
     sharing one small node would each hold CPUs that the other's Ray Data tasks need.
+    Ray workers' own output reaches this console only with ``worker_output`` (--log-level
+    debug); the stage lines the job prints come through :mod:`conure_dist.logs`.
     """
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
@@ -151,66 +239,142 @@ def connect_ray(num_cpus_hint: int | None = None) -> None:
 
     import ray
 
+    from conure_dist.logs import route_library_logs
+
     if ray.is_initialized():
         return
+    route_library_logs(debug=worker_output)
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=worker_output)
     else:
-        ray.init(address="local", num_cpus=num_cpus_hint, logging_level=logging.WARNING, include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus_hint, logging_level=logging.WARNING, include_dashboard=False,
+                 log_to_driver=worker_output)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+    if not worker_output:  # Ray Data's and Ray Train's INFO chatter ("Starting execution ...")
+        for name in ("ray.data", "ray.train"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
-PATH_OPTIONS = ("run_dir", "data", "raw", "raw_ttl")
+def prepared_dataset(rc) -> str:
+    """The run's prepared dataset: ``data``, or RUN_DIR/data prepared from ``source`` on first use."""
+    from conure_dist import storage
+    from conure_dist.data.format import METADATA_FILE
 
-
-def resolve_local_paths(args: argparse.Namespace) -> argparse.Namespace:
-    """Local path options made absolute, once, in the driver: Ray Train workers run in working
-    directories of their own, where a relative path would name another place. URIs stay."""
-    for name in PATH_OPTIONS:
-        value = getattr(args, name, None)
-        if value and "://" not in value:
-            setattr(args, name, os.path.abspath(os.path.expanduser(value)))
-    return args
-
-
-def dataset_in_run_dir(args: argparse.Namespace, prepare) -> str:
-    """RUN_DIR/data, prepared by ``prepare(out_dir)`` on first use (raw inputs and --demo)."""
-    resolve_local_paths(args)
-    if not args.run_dir:
+    if rc.data:
+        return rc.data
+    kind = rc.source.kind
+    if kind == "none":
+        raise ConfigError("give --data (a prepared dataset, conure-dist prepare ...) or a source of raw data "
+                          "(source.kind with --raw, or --demo)")
+    if kind in ("ttl", "movielens") and not rc.source.raw:
+        raise ConfigError(f"give --data (a prepared dataset) or --raw (the {kind} files)")
+    if not rc.run_dir:
         raise ConfigError("--run-dir is required (the prepared dataset is kept in RUN_DIR/data)")
-    if "://" in args.run_dir:
-        raise ConfigError("--run-dir: raw inputs are prepared on local disk; prepare them with "
-                          "`conure-dist prepare` and pass --data, or use a local --run-dir")
-    dataset = os.path.join(args.run_dir, "data")
-    if not os.path.exists(os.path.join(dataset, "dataset.json")):
-        prepare(dataset)
+    dataset = storage.join(rc.run_dir, "data")
+    if storage.exists(storage.join(dataset, METADATA_FILE)):
+        return dataset
+    # No dataset.json: nothing was published there, so whatever is left is a failed attempt.
+    if kind == "synthetic":
+        from conure_dist.data.synthetic import prepare_synthetic
+
+        prepare_synthetic(rc.source.preset, dataset, seed=rc.seed, overwrite=True)
+    elif kind == "ttl":
+        from conure_dist.data.ttl import TTLOptions, prepare_ttl
+
+        prepare_ttl(rc.source.raw, dataset, TTLOptions(overwrite=True))
+    else:
+        from conure_dist.data.movielens import MovieLensOptions, prepare_movielens
+
+        prepare_movielens(rc.source.raw, dataset, MovieLensOptions(overwrite=True))
     return dataset
 
 
-def run_job(args: argparse.Namespace, setting: Setting, dataset_dir: str) -> int:
-    from conure_dist.train.coordinator import run_experiment
+def run_from_args(args: argparse.Namespace, preset: str) -> int:
+    """A job: resolve the config, prepare the data if asked, then print it (--print-config),
+    plan it (--dry-run), run it in process (--in-process) or run it on Ray."""
+    from conure_dist import runconfig
+    from conure_dist.logs import DriverLog
 
-    resolve_local_paths(args)
-    exp = build_experiment(args, setting, dataset_dir)
+    cfg = resolve_config(args, preset)
+    rc = runconfig.to_run_config(cfg)
+    runconfig.check_source(rc)
+    config_yaml = runconfig.to_yaml(cfg)
+    if args.print_config:
+        print(config_yaml, end="")
+        return 0
+    gpu_memory = parse_gpu_memory(args.gpu_memory) if getattr(args, "gpu_memory", None) else None
     if args.dry_run:
-        print(resource_plan(exp).table())
+        exp = build_experiment(rc, prepared_dataset(rc))
+        print(dry_run_report(exp, gpu_memory))
         return 0
     if args.in_process:
-        return run_in_process_job(exp)
-    if not args.run_dir:
+        return run_in_process_job(build_experiment(rc, prepared_dataset(rc)))
+    if not rc.run_dir:
         raise ConfigError("--run-dir is required (where the manifest, checkpoints and reports go)")
-    connect_ray()
-    started = time.time()
-    run = run_experiment(exp, args.run_dir, new_run=args.new_run, add_task=args.add_task)
-    print(f"\nrun directory: {run.rundir.uri}  ({time.time() - started:.0f} s)")
-    print("capacity of the backbone:")
-    print(run.state.owners.capacity_table({i + 1: t.spec.name for i, t in enumerate(exp.tasks)}))
-    print("accuracy matrix (main metric; rows: after committing; columns: task):")
-    print(accuracy_table(run))
+    from conure_dist.train.coordinator import run_experiment
+
+    with DriverLog(rc.run_dir, debug=args.log_level == "debug") as log:
+        exp = build_experiment(rc, prepared_dataset(rc))
+        log.info(f"conure_dist {__version__}: run directory {rc.run_dir}")
+        log.debug("resolved config:\n" + config_yaml)
+        connect_ray(worker_output=args.log_level == "debug")
+        started = time.time()
+        run = run_experiment(exp, rc.run_dir, new_run=args.new_run, add_task=args.add_task, config_yaml=config_yaml)
+        log.sync()
+        log.info(f"\nrun directory: {run.rundir.uri}  ({time.time() - started:.0f} s)")
+        log.info("capacity of the backbone:")
+        log.info(run.state.owners.capacity_table({i + 1: t.spec.name for i, t in enumerate(exp.tasks)}))
+        log.info("accuracy matrix (main metric; rows: after committing; columns: task):")
+        log.info(accuracy_table(run))
+        log.info("reports: " + ", ".join(run.rundir.storage_uri(p) for p in
+                                          ("reports/accuracy_matrix.csv", "reports/capacity.txt", "config.yaml",
+                                           "logs/driver.log")))
     return 0
+
+
+# GPU memory of common cards (GiB), for --dry-run --gpu-memory CARD.
+GPU_CARDS = {"t4": 16, "v100": 16, "v100-32gb": 32, "a10g": 24, "l4": 24, "l40s": 48, "a40": 48,
+             "a100-40gb": 40, "a100": 80, "a100-80gb": 80, "h100": 80, "h200": 141, "b200": 180, "rtx4090": 24}
+
+
+def parse_gpu_memory(text: str) -> int:
+    """Bytes of GPU memory from ``80GiB``, ``24GB``, ``24`` (GiB) or a card name (``h100``)."""
+    import re
+
+    key = text.strip().lower()
+    if key in GPU_CARDS:
+        return GPU_CARDS[key] * 2**30
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(gib|gb|g|mib|mb)?", key)
+    if not m:
+        raise ConfigError(f"--gpu-memory: a size (80GiB, 24GB) or a card ({', '.join(sorted(GPU_CARDS))}), got {text!r}")
+    scale = {"gib": 2**30, "g": 2**30, None: 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6}[m.group(2)]
+    return int(float(m.group(1)) * scale)
+
+
+# A micro-batch below this leaves a GPU mostly idle (and batch statistics noisy).
+SMALL_MICRO_BATCH = 8
+
+
+def dry_run_report(exp: ExperimentConfig, gpu_memory: int | None) -> str:
+    """What a real run would check before starting: task order, batch split, resource plan."""
+    lines = ["tasks: " + " -> ".join(f"{t.spec.name} ({t.spec.kind}, batch {t.train.batch_size}, "
+                                     f"prune {t.spec.prune_ratio})" for t in exp.tasks)]
+    workers = exp.cluster.num_workers
+    for t in exp.tasks:
+        micro = -(-t.train.batch_size // workers)
+        if t.train.batch_size < workers:
+            lines.append(f"warning: task {t.spec.name}: global batch {t.train.batch_size} is smaller than the "
+                         f"{workers} workers; some workers would get only padding rows. Raise its batch_size.")
+        elif micro < SMALL_MICRO_BATCH:
+            lines.append(f"warning: task {t.spec.name}: global batch {t.train.batch_size} over {workers} workers "
+                         f"is a micro-batch of {micro} per worker (< {SMALL_MICRO_BATCH}); raise its batch_size "
+                         f"(first_task.batch_size / later_tasks.batch_size) or use fewer workers.")
+    plan = resource_plan(exp, gpu_memory)
+    lines.append(plan.table())
+    return "\n".join(lines)
 
 
 def run_in_process_job(exp: ExperimentConfig) -> int:

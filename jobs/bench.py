@@ -166,7 +166,6 @@ def run_masks(args: argparse.Namespace) -> int:
 
     import torch
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from conure_dist.config import ModelConfig, TaskSpec
     from conure_dist.model import ConureModel, Stage
 

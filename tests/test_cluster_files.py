@@ -21,7 +21,7 @@ TEXT_FILES = sorted(p for p in CLUSTER.rglob("*") if p.is_file())
 # The flags the jobs accept (jobs/ttl.py, jobs/movielens.py).
 JOB_FLAGS = {
     "--data", "--raw-ttl", "--run-dir", "--workers", "--gpus-per-worker", "--zero-stage",
-    "--dry-run", "--demo",
+    "--dry-run", "--demo", "--preset", "--out",
 }
 # Ray resources a worker of this project requests: exactly what plan_worker produces.
 REQUESTED = set(plan_worker(SizingInputs(
@@ -207,12 +207,23 @@ def test_nodes_install_the_package():
     setup = " ".join(launcher()["setup_commands"])
     mounts = launcher()["file_mounts"]
     target = next(remote for remote, local in mounts.items() if local == ".")
-    assert f"pip install --no-cache-dir -e {target}" in setup
+    assert f"pip install --no-cache-dir -c {target}/cluster/constraints-gpu.txt -e {target}" in setup
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     workdir = re.search(r"^WORKDIR (\S+)", dockerfile, re.M)[1]
-    assert "pip install --no-cache-dir -e ." in dockerfile
+    assert "pip install --no-cache-dir -c cluster/constraints-gpu.txt -e ." in dockerfile
     for job in doc("RayJob"):
         assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["working_dir"] == workdir
+
+
+def test_gpu_images_install_the_versions_the_project_is_tested_with():
+    """cluster/constraints-gpu.txt pins what constraints-cpu.txt pins (torch: its CUDA build)."""
+    gpu = dict(line.split("==") for line in (CLUSTER / "constraints-gpu.txt").read_text().splitlines()
+               if "==" in line and not line.startswith("#"))
+    cpu = dict(line.split("==") for line in (REPO / "constraints-cpu.txt").read_text().splitlines()
+               if "==" in line and not line.startswith("#"))
+    for name, version in cpu.items():
+        assert gpu[name] == version.replace("+cpu", ""), name
+    assert "omegaconf" in gpu and "safetensors" in gpu
 
 
 def test_token_auth_everywhere():

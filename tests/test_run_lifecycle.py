@@ -165,15 +165,14 @@ def test_the_heartbeat_keeps_the_lock_fresh(tmp_path):
 
 
 def test_job_paths_are_resolved_in_the_driver_and_uris_stay(tmp_path, monkeypatch):
-    import argparse
-
-    from conure_dist.launch import resolve_local_paths
+    from conure_dist.jobs.ttl import get_args
+    from conure_dist.launch import resolve_config
 
     monkeypatch.chdir(tmp_path)
-    args = resolve_local_paths(argparse.Namespace(run_dir="runs/demo", data="s3://bucket/data", raw="../ml", raw_ttl=None))
-    assert args.run_dir == str(tmp_path / "runs" / "demo")
-    assert args.data == "s3://bucket/data"
-    assert args.raw == os.path.normpath(str(tmp_path / ".." / "ml")) and args.raw_ttl is None
+    cfg = resolve_config(get_args(["--run-dir", "runs/demo", "--data", "s3://bucket/data", "--raw", "../ttl"]), "ttl")
+    assert cfg.run_dir == str(tmp_path / "runs" / "demo")
+    assert cfg.data == "s3://bucket/data"
+    assert cfg.source.raw == os.path.normpath(str(tmp_path / ".." / "ttl"))
 
 
 def test_a_failed_stage_ends_the_job_with_one_line_and_status_1(capsys):

@@ -70,7 +70,7 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
 def run_prepare(args: argparse.Namespace) -> int:
     try:
         info, report = _convert(args)
-    except (BadInputError, DatasetFormatError, FileExistsError, ValueError) as e:
+    except (BadInputError, DatasetFormatError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_summary(info))

@@ -24,13 +24,15 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
 import pyarrow as pa
+
+from conure_dist import storage
 
 FORMAT_VERSION = 1
 METADATA_FILE = "dataset.json"
@@ -125,7 +127,8 @@ class TaskInfo:
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """A prepared dataset on disk. Paths stored inside are relative to ``path``."""
+    """A prepared dataset on disk or object storage (``path`` is a local path or a URI).
+    Paths stored inside are relative to ``path``."""
 
     path: str
     format_version: int
@@ -148,16 +151,16 @@ class DatasetInfo:
         return tuple(t.name for t in self.tasks)
 
     def split_files(self, task: str, split: str) -> list[str]:
-        """Absolute paths of the Parquet shards of one task split, in shard order."""
+        """Absolute paths (or URIs) of the Parquet shards of one task split, in shard order."""
         if split not in SPLITS:
             raise KeyError(f"unknown split {split!r}; one of {SPLITS}")
-        return [os.path.join(self.path, f) for f in self.task(task).files[split]]
+        return [storage.join(self.path, f) for f in self.task(task).files[split]]
 
     def popularity(self, task: str) -> np.ndarray:
         """Train-split counts: per item id 0..num_items (sequence task) or per label (item/class)."""
         t = self.task(task)
-        path = os.path.join(self.path, t.popularity_file)
-        counts = np.load(path)
+        path = storage.join(self.path, t.popularity_file)
+        counts = np.load(io.BytesIO(storage.read_bytes(path)))
         expected = self.num_items + 1 if t.kind == "sequence" else t.num_labels
         if counts.shape != (expected,):
             raise DatasetFormatError(f"{path}: expected {expected} counts, found shape {counts.shape}")
@@ -167,7 +170,7 @@ class DatasetInfo:
         """Columns ``id`` (int32) and ``token`` (string): the original item tokens."""
         import pyarrow.parquet as pq
 
-        return pq.read_table(os.path.join(self.path, self.item_mapping_file))
+        return pq.read_table(storage.join(self.path, self.item_mapping_file))
 
     def label_tokens(self, task: str) -> pa.Table:
         """Columns ``id`` and ``token`` for an item/class task's labels."""
@@ -176,7 +179,7 @@ class DatasetInfo:
         t = self.task(task)
         if t.label_mapping_file is None:
             raise KeyError(f"task {task!r} ({t.kind}) has no labels")
-        return pq.read_table(os.path.join(self.path, t.label_mapping_file))
+        return pq.read_table(storage.join(self.path, t.label_mapping_file))
 
     def to_json(self) -> dict:
         return {"format_version": self.format_version, "num_items": self.num_items,
@@ -217,15 +220,17 @@ def _task_from_json(data: Mapping, where: str) -> TaskInfo:
 
 
 def load_dataset_info(path: str) -> DatasetInfo:
-    """Open and validate ``<path>/dataset.json``; errors name the file and the problem."""
-    meta = os.path.join(path, METADATA_FILE)
+    """Open and validate ``<path>/dataset.json`` (a local path or a URI); errors name the file
+    and the problem. A dataset is complete once its ``dataset.json`` exists: writers publish
+    that file last."""
+    path = storage.resolve(path)
+    meta = storage.join(path, METADATA_FILE)
     try:
-        with open(meta, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(storage.read_bytes(meta).decode("utf-8"))
     except FileNotFoundError:
         raise DatasetFormatError(f"{meta}: not found; is {path!r} a prepared dataset "
                                  f"(conure-dist prepare ...)?") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetFormatError(f"{meta}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise DatasetFormatError(f"{meta}: expected a JSON object")
@@ -241,13 +246,13 @@ def load_dataset_info(path: str) -> DatasetInfo:
     oov = data.get("oov_item_id")
     if oov is not None and oov != num_items:
         raise DatasetFormatError(f"{meta}: oov_item_id must be null or equal num_items ({num_items})")
-    info = DatasetInfo(path=os.path.abspath(path), format_version=version, num_items=num_items,
+    info = DatasetInfo(path=path, format_version=version, num_items=num_items,
                        tasks=tasks, seed=_field(data, "seed", int, meta), oov_item_id=oov,
                        num_users=int(data.get("num_users", 0)), source=str(data.get("source", "")),
                        item_mapping_file=str(data.get("item_mapping_file", "mappings/items.parquet")))
-    for t in tasks:
-        for split in SPLITS:
-            for f in info.split_files(t.name, split):
-                if not os.path.isfile(f):
-                    raise DatasetFormatError(f"{meta}: task {t.name!r} {split} shard {f} is missing")
+    shards = [(t.name, split, f) for t in tasks for split in SPLITS for f in info.split_files(t.name, split)]
+    absent = set(storage.missing([f for _, _, f in shards]))
+    for name, split, f in shards:
+        if f in absent:
+            raise DatasetFormatError(f"{meta}: task {name!r} {split} shard {f} is missing")
     return info

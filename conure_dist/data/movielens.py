@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from conure_dist import storage
 from conure_dist.data.badinput import BadInputError, BadRows
 from conure_dist.data.format import DatasetInfo
 from conure_dist.data.writer import DatasetWriter
@@ -177,7 +178,16 @@ def _rank_in_group(keys: np.ndarray) -> np.ndarray:
 
 def prepare_movielens(raw: str, out_dir: str, options: MovieLensOptions = MovieLensOptions(),
                       ) -> tuple[DatasetInfo, dict]:
-    """Convert a MovieLens directory; returns the info and a report (dropped users, skipped rows)."""
+    """Convert a MovieLens directory (or a URI, downloaded first); returns the info and a report
+    (dropped users, skipped rows)."""
+    with storage.local_copy(raw) as local:
+        try:
+            return _prepare_movielens(local, out_dir, options)
+        except BadInputError as e:  # name the file the user gave, not the temporary copy
+            raise BadInputError(str(e).replace(local, raw.rstrip("/"))) from None
+
+
+def _prepare_movielens(raw: str, out_dir: str, options: MovieLensOptions) -> tuple[DatasetInfo, dict]:
     layout = detect_layout(raw)
     bad = BadRows(skip=options.skip_bad)
     r = _read_ratings(layout, bad)

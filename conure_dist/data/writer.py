@@ -7,7 +7,9 @@ generator seeded from (dataset seed, task, split, shard number): the same input 
 byte-identical shards. Which split a row lands in and the popularity counts do not depend on
 the shuffle. Everything goes to ``<out>.tmp-<pid>`` first and is renamed to ``<out>`` only at
 the end, so a failed run never leaves a dataset that looks complete (a leftover temporary
-directory is removed on failure).
+directory is removed on failure). An ``<out>`` on object storage (``s3://...``) is staged in a
+local temporary directory and uploaded at the end with ``dataset.json`` last: readers take a
+dataset as complete only once that file exists.
 
 Example::
 
@@ -23,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -30,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from conure_dist import storage
 from conure_dist.data.format import (FORMAT_VERSION, METADATA_FILE, SPLITS, TASK_KINDS, DatasetInfo,
                                      TaskInfo, assign_splits, load_dataset_info, row_schema)
 
@@ -87,16 +91,20 @@ class DatasetWriter:
                  overwrite: bool = False) -> None:
         if rows_per_shard < 1:
             raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
-        self.out_dir = os.path.abspath(out_dir)
-        if os.path.exists(self.out_dir) and not overwrite:
+        self.out_dir = storage.resolve(out_dir)
+        self.remote = storage.is_uri(self.out_dir)
+        if (storage.list_files(self.out_dir) if self.remote else os.path.exists(self.out_dir)) and not overwrite:
             raise FileExistsError(f"{self.out_dir} exists; choose another --out or pass --overwrite")
         self.seed = seed
         self.source = source
         self.rows_per_shard = rows_per_shard
         self.overwrite = overwrite
-        self.tmp_dir = f"{self.out_dir}.tmp-{os.getpid()}"
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
-        os.makedirs(self.tmp_dir)
+        if self.remote:
+            self.tmp_dir = tempfile.mkdtemp(prefix="conure-prepare-")
+        else:
+            self.tmp_dir = f"{self.out_dir}.tmp-{os.getpid()}"
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            os.makedirs(self.tmp_dir)
         self._tasks: dict[str, _TaskState] = {}
         self._finished = False
 
@@ -204,11 +212,27 @@ class DatasetWriter:
                            num_users=int(seen.sum()), source=self.source)
         with open(os.path.join(self.tmp_dir, METADATA_FILE), "w", encoding="utf-8") as f:
             json.dump(info.to_json(), f, indent=1)
-        if os.path.exists(self.out_dir) and self.overwrite:
-            shutil.rmtree(self.out_dir)
-        os.rename(self.tmp_dir, self.out_dir)
+        if self.remote:
+            self._publish_remote()
+        else:
+            if os.path.exists(self.out_dir) and self.overwrite:
+                shutil.rmtree(self.out_dir)
+            os.rename(self.tmp_dir, self.out_dir)
         self._finished = True
         return load_dataset_info(self.out_dir)
+
+    def _publish_remote(self) -> None:
+        """Upload the staged dataset, ``dataset.json`` last. An old dataset being overwritten is
+        unpublished first (its ``dataset.json`` deleted), so no reader mixes old and new shards."""
+        try:
+            if self.overwrite:
+                meta = storage.join(self.out_dir, METADATA_FILE)
+                if storage.exists(meta):
+                    storage.delete_tree(meta)
+                storage.delete_tree(self.out_dir)
+            storage.upload_tree(self.tmp_dir, self.out_dir, last=(METADATA_FILE,))
+        finally:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def _finish_task(self, state: _TaskState, num_items: int, labels: Sequence[str] | None) -> TaskInfo:
         for split, shards in state.splits.items():

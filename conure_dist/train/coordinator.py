@@ -10,6 +10,7 @@ One driver at a time holds a run directory (:class:`~conure_dist.train.lock.RunL
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from conure_dist.train.rundir import FORMAT_VERSION, MANIFEST, RunDir, RunDirErr
 
 
 def _log(line: str) -> None:
-    print(line, flush=True)
+    logging.getLogger("conure_dist").info(line)
 
 
 @dataclass
@@ -135,28 +136,65 @@ def write_reports(run: Run) -> None:
 
 
 def run_experiment(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False, add_task: bool = False,
-                   fail_once_at_step: dict | None = None) -> Run:
-    """Run (or resume) every pending step of the plan; returns the finished run."""
+                   fail_once_at_step: dict | None = None, config_yaml: str | None = None) -> Run:
+    """Run (or resume) every pending step of the plan; returns the finished run. ``config_yaml``
+    (the resolved run config) is written to RUN_DIR/config.yaml once the run is opened."""
+    from conure_dist.logs import EventChannel, RunClock
+
     with RunLock(RunDir(run_dir)):
-        return _run_locked(exp, run_dir, new_run=new_run, add_task=add_task, fail_once_at_step=fail_once_at_step)
+        run = open_run(exp, run_dir, new_run=new_run, add_task=add_task)
+        if config_yaml is not None:
+            run.rundir.write_text("config.yaml", config_yaml)
+        clock = RunClock()
+        channel = EventChannel(clock)
+        try:
+            return _run_locked(run, clock, channel, fail_once_at_step)
+        finally:
+            channel.close()
 
 
-def _run_locked(exp: ExperimentConfig, run_dir: str, *, new_run: bool, add_task: bool,
-                fail_once_at_step: dict | None) -> Run:
-    run = open_run(exp, run_dir, new_run=new_run, add_task=add_task)
-    executor = RayExecutor(exp, run.rundir, run.manifest, fail_once_at_step=fail_once_at_step)
+# Steps that run a Ray Train fit (commit: the evaluation of every committed task).
+FIT_STEPS = (Step.TRAIN, Step.RETRAIN, Step.COMMIT)
+
+
+def _remaining_examples(exp: ExperimentConfig, info, steps) -> int:
+    """Epochs x train rows of the train/retrain steps in ``steps`` (for the run's ETA)."""
+    total = 0
+    for planned in steps:
+        if planned.step in (Step.TRAIN, Step.RETRAIN):
+            train = exp.task(planned.task).train
+            epochs = train.epochs if planned.step is Step.TRAIN else train.retrain_epochs
+            total += epochs * info.task(planned.task).counts["train"]
+    return total
+
+
+def _run_locked(run: Run, clock, channel, fail_once_at_step: dict | None) -> Run:
+    from conure_dist.logs import sync_driver_log
+
+    exp = run.exp
+    executor = RayExecutor(exp, run.rundir, run.manifest, fail_once_at_step=fail_once_at_step, events=channel.queue)
     machine = StageMachine(get_method(exp.method), exp.tasks, executor)
     pending = machine.pending(run.state)
     if not pending:
-        _log(f"run {run_dir}: every stage is complete")
-    for planned in pending:
+        _log(f"run {run.rundir.uri}: every stage is complete")
+    else:
+        _log(f"{len(pending)} steps to run: {' '.join(p.key for p in pending)}")
+    for index, planned in enumerate(pending):
         started = time.time()
-        _log(f"== {planned.key} ==")
+        later = pending[index + 1:]
+        clock.plan(_remaining_examples(exp, executor.info, later), sum(p.step in FIT_STEPS for p in later))
+        clock.begin_fit()
+        if planned.step in (Step.TRAIN, Step.RETRAIN):
+            train = exp.task(planned.task).train
+            epochs = train.epochs if planned.step is Step.TRAIN else train.retrain_epochs
+            _log(f"{planned.key}  started: {epochs} epochs, batch {train.batch_size} on {exp.cluster.num_workers} workers")
         if planned.step not in (Step.TRAIN, Step.RETRAIN):
             run.manifest.stage_started(planned.key)
         machine.execute(planned, run.state)
         if planned.step is Step.PRUNE:
             run.manifest.data["owner_map_version"] += 1
+        elif planned.step in FIT_STEPS:
+            clock.end_fit()
         _save_state(run.manifest, run.state, planned.key.replace("/", "-"))
         info: dict[str, Any] = {"seconds": round(time.time() - started, 2), "owner_map_version": run.manifest.data["owner_map_version"]}
         if planned.step is Step.PRUNE:
@@ -166,7 +204,13 @@ def _run_locked(exp: ExperimentConfig, run_dir: str, *, new_run: bool, add_task:
             info["metrics"] = {r["task"]: {r["metric"]: r["value"]} for r in run.state.accuracy if r["after_task"] == planned.task
                                and r["metric"] == main_metric(exp.task(r["task"]).spec, exp.task(r["task"]).train.metric_k)}
             write_reports(run)
-            _log(f"   committed {planned.task}: " + ", ".join(f"{t} {next(iter(m.items()))[0]}={next(iter(m.values())):.4f}" for t, m in info["metrics"].items()))
+            _log(f"{planned.key}  test: " + ", ".join(f"{t} {next(iter(m.items()))[0]} {next(iter(m.values())):.4f}" for t, m in info["metrics"].items()))
+        elif planned.step is Step.PRUNE:
+            _log(f"{planned.key}  {planned.task} keeps {info['capacity']['owned']:.1%} of the backbone, "
+                 f"{info['capacity']['free']:.1%} stays free")
+        else:
+            _log(f"{planned.key}  done in {info['seconds']:.0f} s")
         run.manifest.step_done(planned.key, **info)
+        sync_driver_log()
     write_reports(run)
     return run

@@ -31,8 +31,20 @@ class EngineSettings:
             raise ValueError(f"precision: fp32 or bf16, got {self.precision!r}")
 
 
-def deepspeed_config(train: TrainConfig, settings: EngineSettings) -> dict[str, Any]:
-    """The DeepSpeed JSON config of one stage."""
+def deepspeed_config(train: TrainConfig, settings: EngineSettings, user: dict | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON config of one stage, with a user's section (``deepspeed:`` in the run
+    config, checked by :func:`conure_dist.config.check_deepspeed_section`) merged in."""
+    return merge_dicts(_generated_config(train, settings), user or {})
+
+
+def merge_dicts(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge_dicts(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _generated_config(train: TrainConfig, settings: EngineSettings) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": settings.micro_batch_size,
         "gradient_accumulation_steps": 1,
@@ -66,7 +78,7 @@ def prepare_deepspeed_import() -> None:
 class DeepSpeedStepper:
     """Wraps a model in a DeepSpeed engine; ``step(loss)`` = backward + optimizer step."""
 
-    def __init__(self, model: ConureModel, train: TrainConfig, settings: EngineSettings):
+    def __init__(self, model: ConureModel, train: TrainConfig, settings: EngineSettings, user_config: dict | None = None):
         prepare_deepspeed_import()
         import deepspeed
 
@@ -75,7 +87,7 @@ class DeepSpeedStepper:
             raise ValueError("nothing to train: the current view has no trainable parameter")
         self.settings = settings
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=params, config=deepspeed_config(train, settings)
+            model=model, model_parameters=params, config=deepspeed_config(train, settings, user_config)
         )
         self.model = model
         self._masters: dict[int, torch.Tensor] | None = None

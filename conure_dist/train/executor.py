@@ -53,13 +53,15 @@ def _last_line(text: str) -> str:
 class RayExecutor:
     """Runs stages and evaluations as Ray Train fits with DeepSpeed workers."""
 
-    def __init__(self, exp: ExperimentConfig, rundir: RunDir, manifest: "Manifest", *, fail_once_at_step: dict | None = None):
+    def __init__(self, exp: ExperimentConfig, rundir: RunDir, manifest: "Manifest", *, fail_once_at_step: dict | None = None,
+                 events=None):
         from conure_dist.data.format import load_dataset_info
 
         self.exp, self.rundir, self.manifest = exp, rundir, manifest
         self.run_id = manifest.data["run_id"]
         self.info = load_dataset_info(exp.dataset)
         self.fail_once_at_step = fail_once_at_step or {}
+        self.events = events  # a Ray queue to the driver's log (conure_dist.logs.EventChannel)
         self._datasets: dict[tuple[str, str], Any] = {}
 
     @property
@@ -115,6 +117,7 @@ class RayExecutor:
             "input_weights": f"stages/{key}/weights.safetensors",
             "input_owners": None,
             "threads": max(1, int(self.exp.cluster.cpus_per_worker)),
+            "events": self.events,
         }
         if owners is not None:
             self.rundir.write_tensors(f"stages/{key}/owners.safetensors", owners.state_dict())
@@ -162,10 +165,8 @@ class RayExecutor:
         with result.checkpoint.as_directory() as d:
             return json.load(open(os.path.join(d, RESULT_FILE)))
 
-    def _tensorboard_dir(self, key: str) -> str | None:
-        if self.rundir.local:
-            return self.rundir.path("tensorboard", key)
-        return None  # remote run directories: follow progress in the job logs
+    def _tensorboard_dir(self, key: str) -> str:
+        return self.rundir.storage_uri("tensorboard", key)
 
 
 def _worker_env() -> dict[str, str]:

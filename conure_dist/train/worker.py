@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -24,6 +25,7 @@ import torch.distributed as dist
 
 from conure_dist.config import ExperimentConfig
 from conure_dist.eval.evaluate import MetricSums, evaluate_sums, main_metric
+from conure_dist.logs import send
 from conure_dist.model import ConureModel, OwnerMap, Stage
 from conure_dist.train.engine import DeepSpeedStepper, EngineSettings
 from conure_dist.train.loop import StageProgress, run_stage
@@ -58,8 +60,11 @@ def _allreduce_sums(sums: MetricSums, device: torch.device) -> MetricSums:
     return sums.from_tensor(t.cpu())
 
 
-def _log(line: str) -> None:
+def _log(line: str, events=None, level: str = "debug") -> None:
+    """A worker's line: to its own stderr (Ray's worker logs) and, from rank 0, to the driver's
+    log (console at ``info``, file only at ``debug``)."""
     print(line, file=sys.stderr, flush=True)
+    send(events, {"kind": "line", "level": level, "text": line})
 
 
 def stage_worker(config: dict[str, Any]) -> None:
@@ -75,15 +80,17 @@ def stage_worker(config: dict[str, Any]) -> None:
     spec, train = plan.spec, plan.train
     stage = Stage(config["stage"])
     epochs = train.epochs if stage is Stage.TRAIN else train.retrain_epochs
+    events = config.get("events") if rank == 0 else None
     model, owners = _build_model(exp, rundir, config)
     model.set_view(owners, spec.name, stage)
     model.to(device)
     micro_batch = max(1, math.ceil(train.batch_size / world))
-    stepper = DeepSpeedStepper(model, train, EngineSettings(exp.cluster.zero_stage, exp.cluster.resolved_precision, micro_batch))
+    stepper = DeepSpeedStepper(model, train, EngineSettings(exp.cluster.zero_stage, exp.cluster.resolved_precision, micro_batch),
+                               exp.deepspeed)
 
     if rank == 0:
         _log(f"[{spec.name}/{stage.value}] {world} workers started {entered - config['fit_started']:.1f}s after fit(); "
-             f"model and DeepSpeed engine ready in {time.time() - entered:.1f}s")
+             f"model and DeepSpeed engine ready in {time.time() - entered:.1f}s", events)
     progress, best, finished_before = StageProgress(world_size=world), None, False
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -98,12 +105,12 @@ def stage_worker(config: dict[str, Any]) -> None:
                 if os.path.exists(os.path.join(d, BEST_FILE)):
                     best = load_file(os.path.join(d, BEST_FILE))
         if rank == 0 and progress is saved:
-            _log(f"[{spec.name}/{stage.value}] resumed at epoch {progress.epoch}, step {progress.step}")
+            _log(f"{spec.name}/{stage.value}  resumed at epoch {progress.epoch}, step {progress.step}", events, "info")
         elif rank == 0:
             # Each rank's data order and optimizer shards belong to the world size they were
             # made with: a stage interrupted with another number of workers starts over.
             _log(f"[{spec.name}/{stage.value}] the checkpoint was taken with {saved.world_size} workers, this "
-                 f"fit has {world}: the stage starts again from its input weights")
+                 f"fit has {world}: the stage starts again from its input weights", events, "info")
 
     popularity = None
     if config.get("popularity"):
@@ -143,7 +150,7 @@ def stage_worker(config: dict[str, Any]) -> None:
             open(fail_marker, "w").close()
             raise RuntimeError(f"injected failure at step {p.step}")
         if p.step % exp.cluster.log_every_steps == 0:
-            _progress_line(spec.name, stage, p, window, steps_per_epoch, epochs, micro_batch * world, rank, tb)
+            _progress_line(spec.name, stage, p, window, steps_per_epoch, epochs, micro_batch * world, rank, tb, events)
         if exp.cluster.checkpoint_every_steps and p.step % exp.cluster.checkpoint_every_steps == 0:
             _report(stepper, p, best_box["w"], rank, {"step": p.step}, attempt)
 
@@ -154,8 +161,13 @@ def stage_worker(config: dict[str, Any]) -> None:
         last = p.history[-1]
         if rank == 0:
             vals = " ".join(f"{k[4:]}={v:.4f}" for k, v in last.items() if k.startswith("val_") and k != "val_count")
-            _log(f"[{spec.name}/{stage.value}] epoch {p.epoch}/{epochs} loss {last['loss']:.4f} "
-                 f"{last['examples_per_s']:.0f} ex/s {last['seconds']:.1f}s {vals}{' (best)' if improved else ''}")
+            print(f"[{spec.name}/{stage.value}] epoch {p.epoch}/{epochs} loss {last['loss']:.4f} "
+                  f"{last['examples_per_s']:.0f} ex/s {last['seconds']:.1f}s {vals}{' (best)' if improved else ''}",
+                  file=sys.stderr, flush=True)
+            metric = main_metric(spec, train.metric_k)
+            send(events, {"kind": "epoch", "task": spec.name, "stage": stage.value, "epoch": p.epoch, "epochs": epochs,
+                          "loss": last["loss"], "metric": metric, "value": last.get(f"val_{metric}", float("nan")),
+                          "improved": improved, "examples_per_s": last["examples_per_s"], "seconds": last["seconds"]})
             if tb is not None:
                 for k, v in last.items():
                     if k != "epoch":
@@ -208,15 +220,44 @@ def _report(stepper: DeepSpeedStepper, p: StageProgress, best, rank: int, metric
                          checkpoint_dir_name=f"{name}-{p.step:09d}-e{p.epoch}-{attempt}")
 
 
+class _TensorBoard:
+    """Rank 0's event files: written locally, uploaded after each epoch and at the end when the
+    run directory is on object storage."""
+
+    def __init__(self, target: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        from conure_dist import storage
+
+        self.target = target
+        self.remote = storage.is_uri(target)
+        self.local = tempfile.mkdtemp(prefix="conure-tb-") if self.remote else target
+        self.writer = SummaryWriter(self.local)
+
+    def add_scalar(self, *args) -> None:
+        self.writer.add_scalar(*args)
+
+    def flush(self) -> None:
+        self.writer.flush()
+        if self.remote:
+            from conure_dist import storage
+
+            storage.upload_tree(self.local, self.target)
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
+
+
 def _tensorboard(config: dict[str, Any], rank: int):
     if rank != 0 or not config.get("tensorboard_dir"):
         return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(config["tensorboard_dir"])
+    return _TensorBoard(config["tensorboard_dir"])
 
 
-def _progress_line(task, stage, p, window, steps_per_epoch, epochs, global_batch, rank, tb) -> None:
+def _progress_line(task, stage, p, window, steps_per_epoch, epochs, global_batch, rank, tb, events) -> None:
     if rank != 0 or window["n"] == 0:
         return
     now = time.perf_counter()
@@ -225,7 +266,7 @@ def _progress_line(task, stage, p, window, steps_per_epoch, epochs, global_batch
     remaining = max(0, epochs * steps_per_epoch - p.step)
     eta = time.strftime("%H:%M:%S", time.gmtime(remaining / rate)) if rate > 0 else "?"
     _log(f"[{task}/{stage.value}] step {p.step} (epoch {p.epoch + 1}/{epochs}) loss {loss:.4f} "
-         f"{rate:.2f} steps/s {rate * global_batch:.0f} ex/s ETA {eta} (at most)")
+         f"{rate:.2f} steps/s {rate * global_batch:.0f} ex/s ETA {eta} (at most)", events)
     if tb is not None:
         tb.add_scalar("step/loss", loss, p.step)
         tb.add_scalar("step/steps_per_s", rate, p.step)

@@ -1,0 +1,212 @@
+"""What a person reads: one console line per stage event and per epoch; everything in a file.
+
+The driver logs through the ``conure_dist`` logger: INFO lines go to the console and to
+``RUN_DIR/logs/driver.log``, DEBUG lines (the resolved config, the workers' step lines) to the
+file only. For a run directory on object storage the file is written locally and uploaded at
+each stage's end and when the job ends.
+
+Workers do not print into the driver's console (Ray's ``log_to_driver`` is off unless
+``--log-level debug``); rank 0 of each stage sends its progress as events through a Ray queue
+(:class:`EventChannel`), which the driver turns into log lines with ETAs for the stage and the
+whole run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+LOGGER = "conure_dist"
+LOG_FILE = "logs/driver.log"
+
+log = logging.getLogger(LOGGER)
+
+
+class DriverLog:
+    """Console + ``RUN_DIR/logs/driver.log`` handlers on the ``conure_dist`` logger, for one job."""
+
+    def __init__(self, run_dir: str, *, debug: bool = False) -> None:
+        from conure_dist import storage
+
+        self.run_dir = run_dir
+        self.target = storage.join(run_dir, LOG_FILE)
+        self.remote = storage.is_uri(run_dir)
+        if self.remote:
+            fd, self.local = tempfile.mkstemp(prefix="conure-driver-", suffix=".log")
+            os.close(fd)
+            try:  # a resumed run keeps its earlier log
+                with open(self.local, "wb") as f:
+                    f.write(storage.read_bytes(self.target))
+            except FileNotFoundError:
+                pass
+        else:
+            self.local = self.target
+            os.makedirs(os.path.dirname(self.local), exist_ok=True)
+        self.file_handler = logging.FileHandler(self.local, encoding="utf-8")
+        self.file_handler.setLevel(logging.DEBUG)
+        self.file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.file_handler._conure_owner = self  # type: ignore[attr-defined]  (see sync_driver_log)
+        self.console = logging.StreamHandler(sys.stdout)
+        self.console.setLevel(logging.DEBUG if debug else logging.INFO)
+        self.console.setFormatter(logging.Formatter("%(message)s"))
+
+    def __enter__(self) -> "DriverLog":
+        log.setLevel(logging.DEBUG)
+        log.propagate = False
+        log.addHandler(self.file_handler)
+        log.addHandler(self.console)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is not None and exc[0] is not KeyboardInterrupt:
+            log.debug("job failed", exc_info=exc)
+        self.sync()
+        log.removeHandler(self.file_handler)
+        log.removeHandler(self.console)
+        self.file_handler.close()
+        if self.remote:
+            os.unlink(self.local)
+
+    def info(self, text: str) -> None:
+        log.info(text)
+
+    def debug(self, text: str) -> None:
+        log.debug(text)
+
+    def sync(self) -> None:
+        """Upload the log file (run directories on object storage)."""
+        self.file_handler.flush()
+        if self.remote:
+            from conure_dist import storage
+
+            with open(self.local, "rb") as f:
+                storage.write_bytes(self.target, f.read())
+
+
+def route_library_logs(debug: bool) -> None:
+    """Ray's and Python's warnings go to the driver log file; on the console only errors remain,
+    unless ``debug`` (call after ``import ray``, which installs Ray's console handler)."""
+    files = [h for h in log.handlers if getattr(h, "_conure_owner", None) is not None]
+    logging.captureWarnings(True)
+    for name in ("ray", "py.warnings"):
+        lib = logging.getLogger(name)
+        for handler in files:
+            if handler not in lib.handlers:
+                lib.addHandler(handler)
+        if debug:
+            continue
+        for handler in lib.handlers:
+            if handler not in files and isinstance(handler, logging.StreamHandler):
+                handler.setLevel(logging.ERROR)
+        if name == "py.warnings":
+            lib.propagate = False
+
+
+def sync_driver_log() -> None:
+    """Upload the driver log now, if a :class:`DriverLog` is active (called at each stage's end)."""
+    for handler in log.handlers:
+        owner = getattr(handler, "_conure_owner", None)
+        if owner is not None:
+            owner.sync()
+
+
+def _hms(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class RunClock:
+    """ETA of the stage (its remaining epochs at the measured speed; early stopping can only make
+    it shorter) and of the run: the remaining epochs of later stages at the current speed, plus
+    each remaining Ray Train fit's fixed cost (start-up, evaluation) as measured so far."""
+
+    def __init__(self) -> None:
+        self.remaining_examples = 0  # epochs x train rows of the stages after the current one
+        self.remaining_fits = 0
+        self.fixed_costs: list[float] = []
+        self._started = time.time()
+        self._epoch_seconds = 0.0
+
+    def plan(self, remaining_examples: int, remaining_fits: int) -> None:
+        self.remaining_examples, self.remaining_fits = remaining_examples, remaining_fits
+
+    def begin_fit(self) -> None:
+        self._started, self._epoch_seconds = time.time(), 0.0
+
+    def end_fit(self) -> None:
+        self.fixed_costs.append(max(0.0, time.time() - self._started - self._epoch_seconds))
+
+    def epoch_line(self, e: dict[str, Any]) -> str:
+        self._epoch_seconds += e["seconds"]
+        rate = e.get("examples_per_s") or 0.0
+        stage_eta = (e["epochs"] - e["epoch"]) * e["seconds"]
+        fixed = sum(self.fixed_costs) / len(self.fixed_costs) if self.fixed_costs else 0.0
+        run_eta = stage_eta + (self.remaining_examples / rate if rate > 0 else 0.0) + fixed * self.remaining_fits
+        metric = f"val {e['metric']} {e['value']:.4f}{' (best)' if e.get('improved') else ''}" if e.get("metric") else ""
+        return (f"{e['task']}/{e['stage']}  epoch {e['epoch']}/{e['epochs']}  loss {e['loss']:.4f}  {metric}  "
+                f"{rate:,.0f} ex/s  ETA stage {_hms(stage_eta)}, run {_hms(run_eta)}")
+
+
+class EventChannel:
+    """A Ray queue from the workers' rank 0 to the driver, drained by a driver thread into the log."""
+
+    def __init__(self, clock: RunClock) -> None:
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.clock = clock
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, name="conure-events", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self._stop.is_set():
+            try:
+                event = self.queue.get(block=True, timeout=0.5)
+            except Empty:
+                continue
+            except Exception:  # the queue actor is gone (Ray shut down): nothing more will come
+                return
+            self.handle(event)
+
+    def handle(self, event: dict[str, Any]) -> None:
+        if event.get("kind") == "epoch":
+            log.info(self.clock.epoch_line(event))
+        else:
+            log.log(logging.INFO if event.get("level") == "info" else logging.DEBUG, event.get("text", ""))
+
+    def close(self) -> None:
+        """Print what is still queued, then stop."""
+        from ray.util.queue import Empty
+
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            while True:
+                self.handle(self.queue.get(block=False))
+        except (Empty, Exception):
+            pass
+        try:
+            import ray
+
+            ray.kill(self.queue.actor)
+        except Exception:
+            pass
+
+
+def send(channel, event: dict[str, Any]) -> None:
+    """From a worker: hand one event to the driver; never fails the stage."""
+    if channel is None:
+        return
+    try:
+        channel.put_nowait(event)
+    except Exception:
+        pass
+
