@@ -48,3 +48,15 @@ class BadRows:
         for (path, reason), n in sorted(self.counts.items()):
             lines.append(f"  {n:>8}  {reason}  ({path}, first at line {self.first_line[(path, reason)]})")
         return "\n".join(lines)
+
+
+def convert_from(raw: str, convert):
+    """``convert(local_dir)`` on the raw inputs at ``raw`` (a directory, or a URI downloaded to a
+    temporary directory first); bad input is reported under ``raw``, not the temporary copy."""
+    from conure_dist import storage
+
+    with storage.local_copy(raw) as local:
+        try:
+            return convert(local)
+        except BadInputError as e:
+            raise BadInputError(str(e).replace(local, raw.rstrip("/"))) from None

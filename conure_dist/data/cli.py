@@ -31,8 +31,9 @@ def format_summary(info: DatasetInfo) -> str:
 
 def _common(p: argparse.ArgumentParser, raw: bool = True) -> None:
     if raw:
-        p.add_argument("--raw", required=True, help="directory with the downloaded files")
-    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+        p.add_argument("--raw", required=True, help="directory (or URI: s3://, gs://) with the downloaded files")
+    p.add_argument("--out", required=True,
+                   help="output directory or URI (s3://, gs://, abfs://); must not exist unless --overwrite")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     p.add_argument("--rows-per-shard", type=int, default=100_000, help="rows per Parquet file (default 100000)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

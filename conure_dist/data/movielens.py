@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from conure_dist import storage
-from conure_dist.data.badinput import BadInputError, BadRows
+from conure_dist.data.badinput import BadInputError, BadRows, convert_from
 from conure_dist.data.format import DatasetInfo
 from conure_dist.data.writer import DatasetWriter
 
@@ -180,11 +179,7 @@ def prepare_movielens(raw: str, out_dir: str, options: MovieLensOptions = MovieL
                       ) -> tuple[DatasetInfo, dict]:
     """Convert a MovieLens directory (or a URI, downloaded first); returns the info and a report
     (dropped users, skipped rows)."""
-    with storage.local_copy(raw) as local:
-        try:
-            return _prepare_movielens(local, out_dir, options)
-        except BadInputError as e:  # name the file the user gave, not the temporary copy
-            raise BadInputError(str(e).replace(local, raw.rstrip("/"))) from None
+    return convert_from(raw, lambda local: _prepare_movielens(local, out_dir, options))
 
 
 def _prepare_movielens(raw: str, out_dir: str, options: MovieLensOptions) -> tuple[DatasetInfo, dict]:

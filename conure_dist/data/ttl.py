@@ -32,8 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from conure_dist import storage
-from conure_dist.data.badinput import BadInputError, BadRows
+from conure_dist.data.badinput import BadInputError, BadRows, convert_from
 from conure_dist.data.format import TASK_KINDS, DatasetInfo
 from conure_dist.data.writer import DatasetWriter
 
@@ -210,11 +209,7 @@ class _Chunk:
 def prepare_ttl(raw: str, out_dir: str, options: TTLOptions = TTLOptions()) -> tuple[DatasetInfo, dict]:
     """Convert the TTL files in ``raw`` (a directory or a URI, downloaded first); returns the
     info and a report (OOV tokens, skipped rows)."""
-    with storage.local_copy(raw) as local:
-        try:
-            return _prepare_ttl(local, out_dir, options)
-        except BadInputError as e:  # name the file the user gave, not the temporary copy
-            raise BadInputError(str(e).replace(local, raw.rstrip("/"))) from None
+    return convert_from(raw, lambda local: _prepare_ttl(local, out_dir, options))
 
 
 def _prepare_ttl(raw: str, out_dir: str, options: TTLOptions) -> tuple[DatasetInfo, dict]:

@@ -25,13 +25,14 @@ import io
 import json
 import os
 import time
-import uuid
 from typing import Any, Mapping
 
 import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from conure_dist import storage
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
@@ -73,18 +74,7 @@ class RunDir:
 
     # -- bytes -------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> None:
-        final = self.path(rel)
-        self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
-        if not self.local:
-            with self.fs.open_output_stream(final) as out:
-                out.write(data)
-            return
-        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, final)
+        storage.write_bytes(self.storage_uri(rel), data)
 
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self.path(rel)) as f:
