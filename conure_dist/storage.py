@@ -82,16 +82,6 @@ def exists(path: str) -> bool:
     return kind(path) != pafs.FileType.NotFound
 
 
-def missing(paths: Sequence[str]) -> list[str]:
-    """The paths among ``paths`` that are not files (one listing call per filesystem)."""
-    if not paths:
-        return []
-    fs, _ = filesystem(paths[0])
-    inner = [filesystem(p)[1] for p in paths]
-    infos = fs.get_file_info(inner)
-    return [p for p, i in zip(paths, infos) if i.type != pafs.FileType.File]
-
-
 def list_files(path: str) -> list[str]:
     """Paths (relative to ``path``) of every file below a directory or prefix; [] if none."""
     fs, inner = filesystem(path)

@@ -250,9 +250,10 @@ def load_dataset_info(path: str) -> DatasetInfo:
                        tasks=tasks, seed=_field(data, "seed", int, meta), oov_item_id=oov,
                        num_users=int(data.get("num_users", 0)), source=str(data.get("source", "")),
                        item_mapping_file=str(data.get("item_mapping_file", "mappings/items.parquet")))
-    shards = [(t.name, split, f) for t in tasks for split in SPLITS for f in info.split_files(t.name, split)]
-    absent = set(storage.missing([f for _, _, f in shards]))
-    for name, split, f in shards:
-        if f in absent:
-            raise DatasetFormatError(f"{meta}: task {name!r} {split} shard {f} is missing")
+    present = set(storage.list_files(path))  # one listing, also on object storage
+    for t in tasks:
+        for split in SPLITS:
+            for rel in t.files[split]:
+                if rel not in present:
+                    raise DatasetFormatError(f"{meta}: task {t.name!r} {split} shard {storage.join(path, rel)} is missing")
     return info

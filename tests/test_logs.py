@@ -1,0 +1,41 @@
+"""Console and log file of a job: what a person sees, and what is kept."""
+
+import logging
+
+from conure_dist.logs import DriverLog, RunClock, log, sync_driver_log
+
+
+def test_console_gets_info_the_file_gets_everything_and_remote_logs_are_uploaded(tmp_path, capsys, s3_server):
+    with DriverLog(str(tmp_path / "run")):
+        log.info("pretrain/train  started")
+        log.debug("[pretrain/train] step 5 loss 4.2")
+        logging.getLogger("py.warnings").warning("a library warning")  # routed only once Ray is connected
+    out = capsys.readouterr().out
+    assert out == "pretrain/train  started\n"
+    text = (tmp_path / "run" / "logs" / "driver.log").read_text()
+    assert "INFO pretrain/train  started" in text and "DEBUG [pretrain/train] step 5 loss 4.2" in text
+    assert not log.handlers  # the job's handlers are gone afterwards
+
+    bucket = s3_server()
+    from conure_dist import storage
+
+    run_dir = f"s3://{bucket}/run"
+    with DriverLog(run_dir):
+        log.info("first driver")
+        sync_driver_log()
+        assert "first driver" in storage.read_bytes(f"{run_dir}/logs/driver.log").decode()
+    with DriverLog(run_dir):  # a resumed run appends to the same file
+        log.info("second driver")
+    text = storage.read_bytes(f"{run_dir}/logs/driver.log").decode()
+    assert text.index("first driver") < text.index("second driver")
+
+
+def test_eta_counts_the_stage_the_later_stages_and_each_fits_fixed_cost():
+    clock = RunClock()
+    clock.fixed_costs = [20.0, 30.0]  # measured start-up of earlier fits
+    clock.plan(remaining_examples=10_000, remaining_fits=3)
+    line = clock.epoch_line({"task": "click", "stage": "train", "epoch": 1, "epochs": 3, "loss": 0.5,
+                             "metric": "mrr@5", "value": 0.1234, "improved": True, "examples_per_s": 100.0,
+                             "seconds": 10.0})
+    # stage: 2 epochs x 10 s; run: 20 s + 10,000 / 100 ex/s + 3 fits x 25 s = 195 s
+    assert line == "click/train  epoch 1/3  loss 0.5000  val mrr@5 0.1234 (best)  100 ex/s  ETA stage 0:00:20, run 0:03:15"
