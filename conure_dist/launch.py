@@ -243,7 +243,7 @@ def connect_ray(num_cpus_hint: int | None = None, *, worker_output: bool = False
 
     if ray.is_initialized():
         return
-    route_library_logs(debug=worker_output)
+    route_library_logs(debug=worker_output)  # Ray's own warnings at init (and again for Ray Data's loggers below)
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=worker_output)
@@ -252,10 +252,11 @@ def connect_ray(num_cpus_hint: int | None = None, *, worker_output: bool = False
                  log_to_driver=worker_output)
     from ray.data import DataContext
 
-    DataContext.get_current().enable_progress_bars = False
     if not worker_output:  # Ray Data's and Ray Train's INFO chatter ("Starting execution ...")
         for name in ("ray.data", "ray.train"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    route_library_logs(debug=worker_output)
+    DataContext.get_current().enable_progress_bars = False
 
 
 def prepared_dataset(rc) -> str:

@@ -93,7 +93,7 @@ def route_library_logs(debug: bool) -> None:
     unless ``debug`` (call after ``import ray``, which installs Ray's console handler)."""
     files = [h for h in log.handlers if getattr(h, "_conure_owner", None) is not None]
     logging.captureWarnings(True)
-    for name in ("ray", "py.warnings"):
+    for name in ("ray", "ray.data", "ray.train", "py.warnings"):
         lib = logging.getLogger(name)
         for handler in files:
             if handler not in lib.handlers:
