@@ -165,9 +165,11 @@ def resolve_config(args: argparse.Namespace, preset: str):
     return cfg
 
 
-def build_experiment(rc, dataset: str) -> ExperimentConfig:
+def build_experiment(rc, dataset: str, preset_tasks: Sequence[str] = ()) -> ExperimentConfig:
     """The experiment from the run config (:class:`conure_dist.runconfig.RunConfig`) and the
-    prepared dataset's tasks."""
+    prepared dataset's tasks. A per-task override for a task the dataset lacks is refused (a
+    typo would otherwise go unnoticed), except those the preset ships (``preset_tasks``: the
+    ``ttl`` preset's ``like`` on a dataset without likes)."""
     from conure_dist import runconfig, storage
     from conure_dist.data.format import load_dataset_info
 
@@ -182,7 +184,7 @@ def build_experiment(rc, dataset: str) -> ExperimentConfig:
     if available[order[0]].kind != "sequence":
         raise ConfigError(f"task_order (--tasks): T1 must be a sequence task (next-item prediction); "
                           f"{order[0]!r} is an {available[order[0]].kind} task")
-    strays = sorted(set(rc.tasks) - set(available))
+    strays = sorted(set(rc.tasks) - set(available) - set(preset_tasks))
     if strays:
         raise ConfigError(f"tasks: overrides for {strays}, which {dataset} does not have (has {list(available)})")
     if len(rc.prune_ratios) < len(order):
@@ -302,23 +304,27 @@ def run_from_args(args: argparse.Namespace, preset: str) -> int:
     cfg = resolve_config(args, preset)
     rc = runconfig.to_run_config(cfg)
     runconfig.check_source(rc)
+    shipped = list(runconfig.load_config(args.preset or preset).tasks)
+
+    def experiment(dataset: str) -> ExperimentConfig:
+        return build_experiment(rc, dataset, shipped)
+
     config_yaml = runconfig.to_yaml(cfg)
     if args.print_config:
         print(config_yaml, end="")
         return 0
     gpu_memory = parse_gpu_memory(args.gpu_memory) if getattr(args, "gpu_memory", None) else None
     if args.dry_run:
-        exp = build_experiment(rc, prepared_dataset(rc))
-        print(dry_run_report(exp, gpu_memory))
+        print(dry_run_report(experiment(prepared_dataset(rc)), gpu_memory))
         return 0
     if args.in_process:
-        return run_in_process_job(build_experiment(rc, prepared_dataset(rc)))
+        return run_in_process_job(experiment(prepared_dataset(rc)))
     if not rc.run_dir:
         raise ConfigError("--run-dir is required (where the manifest, checkpoints and reports go)")
     from conure_dist.train.coordinator import run_experiment
 
     with DriverLog(rc.run_dir, debug=args.log_level == "debug") as log:
-        exp = build_experiment(rc, prepared_dataset(rc))
+        exp = experiment(prepared_dataset(rc))
         log.info(f"conure_dist {__version__}: run directory {rc.run_dir}")
         log.debug("resolved config:\n" + config_yaml)
         connect_ray(worker_output=args.log_level == "debug")

@@ -202,3 +202,25 @@ def test_deepspeed_config_file_is_merged(dataset, tmp_path):
     (tmp_path / "bad.json").write_text("{nope")
     with pytest.raises(ConfigError, match="bad.json: not valid JSON"):
         experiment(["--deepspeed-config", str(tmp_path / "bad.json")], dataset)
+
+
+def test_the_presets_per_task_settings_apply_by_name_and_a_users_typo_is_refused(tmp_path, capsys):
+    import numpy as np
+    import pyarrow as pa
+
+    from conure_dist.data.writer import DatasetWriter
+    from conure_dist.launch import main_guard
+
+    with DatasetWriter(str(tmp_path / "d"), seed=0, source="t") as w:  # no task named "like"
+        w.add_task("clicks", "sequence")
+        w.add_task("gender", "class")
+        users = np.arange(40)
+        seqs = pa.array([[1 + u % 9, 2 + u % 7, 3] for u in range(40)], pa.list_(pa.int32()))
+        w.write("clicks", users, seqs)
+        w.write("gender", users, seqs, labels=users % 2)
+        w.finish(num_items=10, item_tokens=[str(i) for i in range(1, 11)], label_tokens={"gender": ["f", "m"]})
+    data = str(tmp_path / "d")
+    assert ttl_job.main(["--data", data, "--workers", "1", "--dry-run"]) == 0  # the ttl preset's tasks.like
+    assert "clicks (sequence" in capsys.readouterr().out
+    assert main_guard(ttl_job.main, ["--data", data, "--set", "tasks.gendr.l2=0.1", "--dry-run"]) == 2
+    assert "tasks: overrides for ['gendr']" in capsys.readouterr().err
