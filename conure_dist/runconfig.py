@@ -192,9 +192,21 @@ def load_config(preset: str, files: Sequence[str] = (), overrides: Sequence[str]
 
 
 def to_yaml(cfg) -> str:
+    """The config as YAML in the presets' layout: lists of numbers on one line, per-task
+    overrides with only the keys they set (an unset key is null, i.e. not overridden)."""
+    import yaml
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_yaml(cfg)
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def flow_lists(dumper, data):
+        return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+
+    Dumper.add_representer(list, flow_lists)
+    data = OmegaConf.to_container(cfg)
+    data["tasks"] = {name: {k: v for k, v in o.items() if v is not None} for name, o in data["tasks"].items()}
+    return yaml.dump(data, Dumper=Dumper, sort_keys=False, default_flow_style=False, width=100)
 
 
 def to_run_config(cfg) -> RunConfig:
