@@ -426,7 +426,8 @@ def accuracy_table(run) -> str:
 
 def main_guard(fn, argv: Sequence[str] | None = None) -> int:
     """Run ``fn(argv)``; a bad option or run directory ends with a one-line message, exit 2;
-    a stage that failed (non-finite loss, workers' errors after retries) with its error, exit 1."""
+    a stage that failed (non-finite loss, workers' errors after retries) or storage that cannot
+    be reached, with its error, exit 1."""
     from conure_dist.data.format import DatasetFormatError
     from conure_dist.model import FrozenWeightsChanged
     from conure_dist.train.executor import StageFailed
@@ -439,5 +440,8 @@ def main_guard(fn, argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (StageFailed, NonFiniteLoss, FrozenWeightsChanged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # storage: a path or bucket that cannot be read or written (details in the log file)
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,5 +1,5 @@
 """One filesystem layer for every path the product reads or writes: local disk, or any URI
-pyarrow's filesystems open (``s3://``, ``gs://``, ``abfs://`` and others through fsspec).
+pyarrow's filesystems open (``s3://``, ``gs://``, ``abfs://``, ``hdfs://``).
 
 Local paths are made absolute once, in the driver (Ray Train workers run in working
 directories of their own). URIs are kept as given; credentials and endpoints come from the

@@ -48,7 +48,10 @@ class RunDir:
     def __init__(self, uri: str):
         self.uri = uri
         if "://" in uri:
-            self.fs, self.root = pafs.FileSystem.from_uri(uri)
+            try:
+                self.fs, self.root = storage.filesystem(uri)
+            except FileNotFoundError as e:
+                raise RunDirError(f"--run-dir: {e}") from None
             self.local = False
         else:
             # Absolute once, here: Ray Train workers run in directories of their own, where a
@@ -66,8 +69,7 @@ class RunDir:
         """A location other tools (Ray Train's storage_path) can open."""
         if self.local:
             return self.path(*parts)
-        scheme = self.uri.split("://", 1)[0]
-        return f"{scheme}://{self.path(*parts)}"
+        return storage.join(self.uri, *parts)  # keeps what the URI names besides the path (abfs' account)
 
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
