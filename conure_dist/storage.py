@@ -47,13 +47,22 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
         raise FileNotFoundError(f"{path}: cannot open this location ({e})") from None
 
 
-def read_bytes(path: str) -> bytes:
-    """Raises FileNotFoundError (naming the path) when there is no such file."""
+def read_bytes(path: str, attempts: int = 5) -> bytes:
+    """A whole file; raises FileNotFoundError (naming the path) when there is no such file.
+
+    An object replaced while it is read (another driver's heartbeat in ``lock.json``) can come
+    back cut at the old object's size: the read is repeated until the size it got is the
+    object's size."""
     fs, inner = filesystem(path)
-    if fs.get_file_info(inner).type != pafs.FileType.File:
-        raise FileNotFoundError(f"{path}: not found")
-    with fs.open_input_stream(inner) as f:
-        return f.read()
+    for _ in range(attempts):
+        info = fs.get_file_info(inner)
+        if info.type != pafs.FileType.File:
+            raise FileNotFoundError(f"{path}: not found")
+        with fs.open_input_stream(inner) as f:
+            data = f.read()
+        if not is_uri(path) or fs.get_file_info(inner).size == len(data):
+            return data
+    return data
 
 
 def write_bytes(path: str, data: bytes) -> None:

@@ -79,8 +79,7 @@ class RunDir:
         storage.write_bytes(self.storage_uri(rel), data)
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open_input_stream(self.path(rel)) as f:
-            return f.read()
+        return storage.read_bytes(self.storage_uri(rel))
 
     def delete(self, rel: str) -> None:
         if self.exists(rel):
