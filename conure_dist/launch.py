@@ -335,9 +335,10 @@ def run_from_args(args: argparse.Namespace, preset: str) -> int:
         log.info("capacity of the backbone:")
         log.info(run.state.owners.capacity_table({i + 1: t.spec.name for i, t in enumerate(exp.tasks)}))
         log.info("accuracy matrix (main metric; rows: after committing; columns: task):")
-        log.info(accuracy_table(run))
+        log.info(accuracy_table(run, run.floors or floors_of(exp)))
         log.info("reports: " + ", ".join(run.rundir.storage_uri(p) for p in
-                                          ("reports/accuracy_matrix.csv", "reports/capacity.txt", "config.yaml",
+                                          ("reports/accuracy_matrix.csv", "reports/floors.csv",
+                                           "reports/capacity.txt", "config.yaml",
                                            "logs/driver.log")))
     return 0
 
@@ -406,22 +407,45 @@ def run_in_process_job(exp: ExperimentConfig) -> int:
     print("capacity of the backbone:")
     print(run.state.owners.capacity_table({i + 1: t.spec.name for i, t in enumerate(exp.tasks)}))
     print("accuracy matrix (main metric; rows: after committing; columns: task):")
-    print(accuracy_table(SimpleNamespace(exp=exp, state=run.state)))
+    print(accuracy_table(SimpleNamespace(exp=exp, state=run.state), floors_of(exp)))
     return 0
 
 
-def accuracy_table(run) -> str:
+def accuracy_table(run, floors: dict[str, tuple[str, float]] | None = None) -> str:
+    """The accuracy matrix (main metric; rows: after committing; columns: task), with the
+    popularity / majority floor of each task as a last row; ``*`` marks a value below it."""
     from conure_dist.eval.evaluate import main_metric
 
     names = [t.spec.name for t in run.exp.tasks]
     main = {t.spec.name: main_metric(t.spec, t.train.metric_k) for t in run.exp.tasks}
     cell = {(r["after_task"], r["task"]): r["value"] for r in run.state.accuracy if r["metric"] == main[r["task"]]}
+    floors = floors or {}
+
+    def shown(after: str, task: str) -> str:
+        if (after, task) not in cell:
+            return ""
+        value = cell[(after, task)]
+        below = task in floors and value <= floors[task][1]
+        return f"{value:.4f}{'*' if below else ''}"
+
     rows = [["after \\ task", *(f"{n} ({main[n]})" for n in names)]]
     for after in names:
         if any((after, t) in cell for t in names):
-            rows.append([after, *(f"{cell[(after, t)]:.4f}" if (after, t) in cell else "" for t in names)])
+            rows.append([after, *(shown(after, t) for t in names)])
+    if floors:
+        rows.append(["popularity", *(f"{floors[n][1]:.4f}" if n in floors else "" for n in names)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+    table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    if any("*" in c for r in rows[1:] for c in r):
+        table += "\n* not above the popularity / majority floor (last row): this model is no better than it"
+    return table
+
+
+def floors_of(exp: ExperimentConfig) -> dict[str, tuple[str, float]]:
+    from conure_dist.data.format import load_dataset_info
+    from conure_dist.eval.floors import floors
+
+    return floors(load_dataset_info(exp.dataset), exp.tasks)
 
 
 def main_guard(fn, argv: Sequence[str] | None = None) -> int:

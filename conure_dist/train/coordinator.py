@@ -40,6 +40,7 @@ class Run:
     rundir: RunDir
     manifest: Manifest
     state: RunState
+    floors: dict | None = None  # task -> (main metric, popularity / majority floor on test)
 
 
 def _settings(exp: ExperimentConfig) -> dict[str, Any]:
@@ -130,9 +131,16 @@ def _save_state(manifest: Manifest, state: RunState, tag: str) -> None:
 
 
 def write_reports(run: Run) -> None:
+    from conure_dist.data.format import load_dataset_info
+    from conure_dist.eval.floors import floors
+
     state, names = run.state, {i + 1: t.spec.name for i, t in enumerate(run.exp.tasks)}
     run.rundir.write_text("reports/accuracy_matrix.csv", csv_text(state.accuracy, ("after_task", "task", "metric", "value")))
     run.rundir.write_text("reports/capacity.txt", state.owners.capacity_table(names) + "\n")
+    if run.floors is None:
+        run.floors = floors(load_dataset_info(run.exp.dataset), run.exp.tasks)
+    rows = [{"task": task, "metric": metric, "value": value} for task, (metric, value) in run.floors.items()]
+    run.rundir.write_text("reports/floors.csv", csv_text(rows, ("task", "metric", "value")))
 
 
 def run_experiment(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False, add_task: bool = False,
