@@ -1,6 +1,7 @@
 """A stage run through a real DeepSpeed engine (one process, no Ray) keeps frozen entries exact."""
 
 import os
+import socket
 
 import pytest
 import torch
@@ -13,9 +14,15 @@ from conure_dist.train.losses import make_loss
 from synthetic_batches import make_data, model_config
 
 
+def free_port() -> int:
+    with socket.socket() as s:  # a fixed port collides with any other run of this suite on the machine
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module", autouse=True)
 def single_process_group():
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29561",
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "DS_ACCELERATOR": "cpu"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
