@@ -155,8 +155,8 @@ def resolve_config(args: argparse.Namespace, preset: str):
     from conure_dist import runconfig, storage
 
     preset = args.preset or preset
-    cfg = runconfig.load_config(preset, args.config)
-    cfg = runconfig.load_config(preset, args.config, args.overrides, command_line_updates(args, cfg))
+    cfg = runconfig.load_config(preset, args.config)  # each config file is read once
+    cfg = runconfig.apply_command_line(cfg, command_line_updates(args, cfg), args.overrides)
     for key in ("data", "run_dir"):
         if cfg[key]:
             cfg[key] = storage.resolve(cfg[key])

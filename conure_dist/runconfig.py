@@ -165,10 +165,8 @@ def _yaml(text: str, where: str):
 def load_config(preset: str, files: Sequence[str] = (), overrides: Sequence[str] = (),
                 updates: Sequence[tuple[str, Any]] = ()):
     """The merged config (an OmegaConf object typed by :class:`RunConfig`): the preset, then each
-    file, then ``updates`` (typed values of named command-line options, ``(dotted key, value)``),
-    then ``overrides`` (``key=value`` strings, YAML-typed)."""
+    file, then the command line (:func:`apply_command_line`)."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     from conure_dist import storage
 
@@ -179,6 +177,15 @@ def load_config(preset: str, files: Sequence[str] = (), overrides: Sequence[str]
         except FileNotFoundError:
             raise ConfigError(f"--config: {path}: not found") from None
         cfg = _merge(cfg, _yaml(text, path), path)
+    return apply_command_line(cfg, updates, overrides)
+
+
+def apply_command_line(cfg, updates: Sequence[tuple[str, Any]] = (), overrides: Sequence[str] = ()):
+    """``cfg`` with ``updates`` (typed values of named command-line options, ``(dotted key,
+    value)``), then ``overrides`` (``key=value`` strings, YAML-typed) applied."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     for key, value in updates:
         try:
             OmegaConf.update(cfg, key, value, merge=False)

@@ -100,10 +100,12 @@ def list_files(path: str) -> list[str]:
 
 
 def delete_tree(path: str) -> None:
+    """Delete a file, or a directory / prefix with everything below it; nothing if absent."""
     fs, inner = filesystem(path)
-    if fs.get_file_info(inner).type == pafs.FileType.Directory:
+    found = fs.get_file_info(inner).type
+    if found == pafs.FileType.Directory:
         fs.delete_dir(inner)
-    elif fs.get_file_info(inner).type == pafs.FileType.File:
+    elif found == pafs.FileType.File:
         fs.delete_file(inner)
 
 

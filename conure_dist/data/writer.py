@@ -226,9 +226,7 @@ class DatasetWriter:
         unpublished first (its ``dataset.json`` deleted), so no reader mixes old and new shards."""
         try:
             if self.overwrite:
-                meta = storage.join(self.out_dir, METADATA_FILE)
-                if storage.exists(meta):
-                    storage.delete_tree(meta)
+                storage.delete_tree(storage.join(self.out_dir, METADATA_FILE))
                 storage.delete_tree(self.out_dir)
             storage.upload_tree(self.tmp_dir, self.out_dir, last=(METADATA_FILE,))
         finally:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from conure_dist import storage
 from conure_dist.config import ExperimentConfig
 from conure_dist.eval.evaluate import MetricSums, evaluate_sums, main_metric
 from conure_dist.logs import send
@@ -227,8 +228,6 @@ class _TensorBoard:
     def __init__(self, target: str) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        from conure_dist import storage
-
         self.target = target
         self.remote = storage.is_uri(target)
         self.local = tempfile.mkdtemp(prefix="conure-tb-") if self.remote else target
@@ -240,8 +239,6 @@ class _TensorBoard:
     def flush(self) -> None:
         self.writer.flush()
         if self.remote:
-            from conure_dist import storage
-
             storage.upload_tree(self.local, self.target)
 
     def close(self) -> None:
