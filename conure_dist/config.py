@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TASK_KINDS = ("sequence", "item", "class")
-BACKBONES = ("nextitnet", "transformer")
+BACKBONES = ("nextitnet", "transformer", "dnn")
 SAMPLERS = ("log_uniform", "uniform")
 # What the L2 term covers: "head" = the task's own head weights (the authors' recipe; T1's head
 # is the item vocabulary and is never regularised, so T1 gets no L2); "trainable" = every
@@ -253,6 +253,9 @@ class ExperimentConfig:
         check_deepspeed_section(self.deepspeed)
         _require(self.seq_len >= 2, "seq_len", "must be >= 2")
         _require(self.shuffle_buffer_rows >= 0, "shuffle_buffer_rows", "must be >= 0")
+        from conure_dist.train.plan import METHODS
+
+        _require(self.method in METHODS, "method", f"one of {sorted(METHODS)}, got {self.method!r}")
         object.__setattr__(self, "tasks", tuple(self.tasks))
 
     def task(self, name: str) -> TaskPlan:

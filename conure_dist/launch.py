@@ -16,7 +16,8 @@ from dataclasses import replace
 from typing import Any, Sequence
 
 from conure_dist import __version__
-from conure_dist.config import ConfigError, ExperimentConfig, TaskPlan, TaskSpec
+from conure_dist.config import BACKBONES, ConfigError, ExperimentConfig, TaskPlan, TaskSpec
+from conure_dist.train.plan import METHODS
 
 
 QUIET_ENV = {
@@ -64,9 +65,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, preset: str) -> None:
     run.add_argument("--run-dir", help="run directory: local path or URI (s3://, gs://); rerun to resume")
     run.add_argument("--new-run", action="store_true", help="start over in --run-dir even if it holds a run")
     run.add_argument("--add-task", action="store_true", help="extend a committed run with the new tasks at the end of --tasks")
-    run.add_argument("--method", choices=["conure", "sinmoall"],
-                     help="conure: prune and retrain, nothing forgotten; sinmoall: one model fine-tuned on every "
-                          f"task in turn (forgets){d(base.method)}")
+    run.add_argument("--method", choices=sorted(METHODS), metavar="METHOD",
+                     help="conure (prune and retrain, nothing forgotten) or a baseline of the paper: "
+                          + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + d(base.method))
     run.add_argument("--seed", type=int, help=f"seed of initialisation, sampling and data order{d(base.seed)}")
     run.add_argument("--dry-run", action="store_true",
                      help="check the config, the task order and the per-worker resource plan, print the plan and exit")
@@ -85,7 +86,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, preset: str) -> None:
     train.add_argument("--batch-size", type=int, help=f"global batch of every later task{d(base.later_tasks.batch_size)}")
     train.add_argument("--first-batch-size", type=int, help=f"global batch of T1{d(base.first_task.batch_size)}")
     train.add_argument("--embed-dim", type=int, help=f"embedding width f{d(base.model.embed_dim)}")
-    train.add_argument("--backbone", choices=["nextitnet", "transformer"], help=f"the shared network{d(base.model.backbone)}")
+    train.add_argument("--backbone", choices=list(BACKBONES), help=f"the shared network{d(base.model.backbone)}")
     train.add_argument("--seq-len", type=int, help=f"longest user sequence{d(base.seq_len)}")
     train.add_argument("--shuffle-buffer", type=int, help=f"rows each worker shuffles per epoch, 0: stored order{d(base.shuffle_buffer_rows)}")
     cluster = parser.add_argument_group("cluster")

@@ -211,20 +211,38 @@ class FrozenGuard:
         return 0
 
 
+# What a task after T1 trains (``scope``), besides what its owner map view allows:
+#   all      the backbone (masked by the owner map when there is one) and the task's head
+#   head     only the task's head (FineSmax: the backbone is a fixed feature extractor)
+#   patches  only the task's patches and head (PeterRec)
+#   joint    the whole backbone, the task's head and T1's head (MTL: T1's objective trains too)
+SCOPES = ("all", "head", "patches", "joint")
+
+
 def stage_trainable(
-    name: str, owners: OwnerMap | None, task: str, number: int, stage: Stage
+    name: str, owners: OwnerMap | None, task: str, number: int, stage: Stage, scope: str = "all",
+    first: str | None = None,
 ) -> bool | torch.Tensor:
     """Which entries of parameter ``name`` task ``task`` (number ``number``) may change.
 
     A bool for whole tensors, a bool tensor for prunable ones. ``owners=None`` means no masks
-    (naive fine-tuning): the whole backbone trains in every task.
+    (naive fine-tuning): the whole backbone trains in every task. ``scope`` (see
+    :data:`SCOPES`) narrows or widens what a task after T1 trains; ``first`` names T1 (for
+    ``joint``).
     """
     stage = Stage(stage)
+    if scope not in SCOPES:
+        raise ValueError(f"scope: one of {SCOPES}, got {scope!r}")
+    training = stage is not Stage.SERVE
+    if name.startswith("patches."):
+        return training and scope == "patches" and name.split(".")[1] == task
+    if name.startswith("heads."):
+        head = name.split(".")[1]
+        return training and (head == task or (scope == "joint" and head == first))
+    if number > 1 and scope in ("head", "patches"):
+        return False
     if owners is not None and name in owners.names:
         return owners.trainable(name, number, stage)
-    training = stage is not Stage.SERVE
-    if name.startswith("heads."):
-        return training and name.split(".")[1] == task
     return training and (number == 1 or owners is None)
 
 
@@ -237,6 +255,8 @@ def merge_stage_weights(
     stage: Stage,
     *,
     compute_dtype: torch.dtype = torch.float32,
+    scope: str = "all",
+    first: str | None = None,
 ) -> Weights:
     """Committed weights with the entries the stage trained replaced by the stage's values.
 
@@ -250,7 +270,7 @@ def merge_stage_weights(
             merged[name] = committed[name]
             continue
         new = trained[name].detach().float().cpu()
-        trainable = stage_trainable(name, owners, task, number, stage)
+        trainable = stage_trainable(name, owners, task, number, stage, scope, first)
         if name not in committed:
             if trainable is not True:
                 problems.append(f"{name}: reported by the stage but neither trainable nor committed")

@@ -8,6 +8,8 @@ Parameters fall in three roles:
 - **shared**: everything else in the backbone (embedding unless pruned, LayerNorms, biases,
   positions). Trained in T1 (train and retrain), frozen afterwards (paper section 4.1).
 - **head**: ``heads.<task>.*``; trained in that task's stages, frozen afterwards.
+- **patch** (PeterRec only, ``patched`` tasks): ``patches.<task>.*``, small residual
+  bottlenecks inside the backbone's blocks, used and trained only by their task.
 
 Example::
 
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 
 from conure_dist.config import ModelConfig, TaskSpec
-from conure_dist.model.backbones import build_backbone
+from conure_dist.model.backbones import BlockPatch, build_backbone
 from conure_dist.model.freeze import stage_trainable
 from conure_dist.model.heads import ClassHead, ItemScorer
 from conure_dist.model.masked import PrunableWeight
@@ -51,7 +53,7 @@ def validate_tasks(tasks: Sequence[TaskSpec]) -> None:
 
 
 class ConureModel(nn.Module):
-    def __init__(self, config: ModelConfig, tasks: Sequence[TaskSpec]):
+    def __init__(self, config: ModelConfig, tasks: Sequence[TaskSpec], patched: Sequence[str] = ()):
         super().__init__()
         validate_tasks(tasks)
         self.config, self.tasks = config, tuple(tasks)
@@ -65,15 +67,31 @@ class ConureModel(nn.Module):
             else:
                 heads[task.name] = ClassHead(config.embed_dim, task.num_labels)
         self.heads = nn.ModuleDict(heads)
+        unknown = sorted(set(patched) - {t.name for t in tasks})
+        if unknown:
+            raise ValueError(f"patches for unknown tasks: {unknown}")
+        if patched and not len(self.backbone.blocks):
+            raise ValueError(f"the {config.backbone} backbone has no blocks to patch")
+        # Built after the heads, so a model with patches draws the same backbone and heads.
+        self.patches = nn.ModuleDict({
+            name: nn.ModuleList(BlockPatch(config.embed_dim) for _ in self.backbone.blocks) for name in patched
+        })
+        self._active_patches: nn.ModuleList | None = None
 
     # -- forward -------------------------------------------------------------------------
     def hidden(self, seq: torch.Tensor) -> torch.Tensor:
-        """Hidden state per position, ``[batch, length, dim]``."""
-        return self.backbone(seq)
+        """Hidden state per position, ``[batch, length, dim]`` (with the viewed task's patches)."""
+        return self.backbone(seq, self._active_patches)
 
     def user_representation(self, seq: torch.Tensor) -> torch.Tensor:
-        """The last position's hidden vector: the input of every task after T1."""
-        return self.backbone(seq)[:, -1]
+        """The last position's hidden vector: the input of every task after T1.
+
+        Item tasks hold one row per (user, item): the backbone runs once per distinct sequence
+        of the batch, and the rows take their user's vector."""
+        unique, inverse = torch.unique(seq, dim=0, return_inverse=True)
+        if unique.shape[0] == seq.shape[0]:
+            return self.hidden(seq)[:, -1]
+        return self.hidden(unique)[:, -1][inverse]
 
     # -- structure -----------------------------------------------------------------------
     def task_number(self, name: str) -> int:
@@ -103,24 +121,29 @@ class ConureModel(nn.Module):
         return param_name.split(".")[1] if param_name.startswith("heads.") else None
 
     # -- the view of a stage ---------------------------------------------------------------
-    def set_view(self, owners: OwnerMap | None, task: str, stage: Stage) -> None:
+    def set_view(self, owners: OwnerMap | None, task: str, stage: Stage, scope: str = "all") -> None:
         """Set which weights (task, stage) uses and may change.
 
         ``owners=None`` turns masking off (naive sequential fine-tuning): the whole backbone is
-        trainable in every stage but SERVE. Frozen values are taken from the current weights,
-        so load the committed weights first.
+        trainable in every stage but SERVE. ``scope`` narrows or widens what a task after T1
+        trains (:data:`~conure_dist.model.freeze.SCOPES`). Frozen values are taken from the
+        current weights, so load the committed weights first.
         """
         stage = Stage(stage)
         number = self.task_number(task)
         prunable = self._prunable_modules()
+        frozen_backbone = number > 1 and scope in ("head", "patches")
         for name, module in prunable.items():
             if owners is None:
                 module.set_mask(None, None)
             else:
-                module.set_mask(owners.used(name, number, stage), owners.trainable(name, number, stage))
+                trainable = owners.trainable(name, number, stage)
+                module.set_mask(owners.used(name, number, stage), trainable & False if frozen_backbone else trainable)
+        first = self.tasks[0].name
         for name, param in self.named_parameters():
-            trainable = stage_trainable(name, owners, task, number, stage)
+            trainable = stage_trainable(name, owners, task, number, stage, scope, first)
             param.requires_grad_(bool(trainable) if isinstance(trainable, bool) else bool(trainable.any()))
+        self._active_patches = self.patches[task] if task in self.patches else None
         self.view = (task, stage, owners is not None)
 
     def trainable_parameters(self) -> list[nn.Parameter]:

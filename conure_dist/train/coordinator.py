@@ -16,9 +16,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 
-from conure_dist.config import ExperimentConfig
+from conure_dist.config import ConfigError, ExperimentConfig
 from conure_dist.eval.evaluate import main_metric
 from conure_dist.model import ConureModel, OwnerMap, Weights
 from conure_dist.train.executor import RayExecutor, StageFailed  # noqa: F401  (re-exported)
@@ -27,6 +26,7 @@ from conure_dist.train.machine import RunState, StageMachine
 from conure_dist.train.manifest import (RESUME_FREE_CLUSTER, Manifest, dataset_digest, format_diff, result_settings,
                                         settings_diff, settings_fingerprint)
 from conure_dist.train.plan import Ledger, Step, get_method
+from conure_dist.train.runner import build_model, fresh_weights
 from conure_dist.train.rundir import FORMAT_VERSION, MANIFEST, RunDir, RunDirError, csv_text, now
 
 
@@ -87,13 +87,14 @@ def open_run(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False, add_
             owners=OwnerMap.from_state_dict(rundir.read_tensors(data["state"]["owners"])),
             ledger=Ledger(names, data["ledger"]),
             accuracy=list(data["accuracy"]),
+            sets={task: rundir.read_tensors(f) for task, f in data["state"].get("sets", {}).items()},
+            before_prune=list(data.get("before_prune", [])),
         )
         state.weights = _with_new_heads(exp, state.weights)
         manifest.data["ledger"] = state.ledger.to_dict()
         manifest.save()
         return Run(exp, rundir, manifest, state)
-    torch.manual_seed(exp.seed)
-    model = ConureModel(exp.model, [t.spec for t in exp.tasks])
+    model = _model(exp, exp.seed)
     state = RunState(model.weights(), model.new_owner_map(), Ledger(names))
     manifest = Manifest(rundir, {
         "format_version": FORMAT_VERSION, "run_id": uuid.uuid4().hex[:12], "created": now(),
@@ -105,11 +106,15 @@ def open_run(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False, add_
     return Run(exp, rundir, manifest, state)
 
 
+def _model(exp: ExperimentConfig, seed: int) -> ConureModel:
+    return build_model(exp.model, [t.spec for t in exp.tasks], get_method(exp.method), seed)
+
+
 def _with_new_heads(exp: ExperimentConfig, weights: Weights) -> Weights:
-    """Weights of a resumed run plus freshly initialised heads for tasks added since."""
-    torch.manual_seed(exp.seed + len(exp.tasks))
-    fresh = ConureModel(exp.model, [t.spec for t in exp.tasks]).weights()
-    return {**{k: v for k, v in fresh.items() if k.startswith("heads.") and k not in weights}, **weights}
+    """Weights of a resumed run plus freshly initialised heads (and patches) of tasks added since."""
+    fresh = _model(exp, exp.seed + len(exp.tasks)).weights()
+    added = {k: v for k, v in fresh.items() if ConureModel.head_task(k) or k.startswith("patches.")}
+    return {**added, **weights}
 
 
 def _save_state(manifest: Manifest, state: RunState, tag: str) -> None:
@@ -121,9 +126,15 @@ def _save_state(manifest: Manifest, state: RunState, tag: str) -> None:
         rundir.write_tensors(owners_file, state.owners.state_dict())
     weights_file = f"state/weights-{tag}.safetensors"
     rundir.write_tensors(weights_file, state.weights)
-    manifest.data["state"] = {"weights": weights_file, "owners": owners_file}
+    sets = dict(old.get("sets", {}))
+    for task, weights in state.sets.items():  # a task's own weight set never changes once committed
+        if task not in sets:
+            sets[task] = f"state/set-{task}.safetensors"
+            rundir.write_tensors(sets[task], weights)
+    manifest.data["state"] = {"weights": weights_file, "owners": owners_file, **({"sets": sets} if sets else {})}
     manifest.data["ledger"] = state.ledger.to_dict()
     manifest.data["accuracy"] = state.accuracy
+    manifest.data["before_prune"] = state.before_prune
     manifest.save()
     # Committed versions stay (each task can be served as of its commit); others are replaced.
     if old.get("weights") and old["weights"] != weights_file and not old["weights"].endswith("-commit.safetensors"):
@@ -149,6 +160,9 @@ def run_experiment(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False
     (the resolved run config) is written to RUN_DIR/config.yaml once the run is opened."""
     from conure_dist.logs import EventChannel, RunClock
 
+    if get_method(exp.method).later == "joint":
+        raise ConfigError(f"method: {exp.method} trains two tasks' data in one stage, which only the in-process "
+                          "comparison does (--compare); the Ray Train workers read one task's data per stage")
     with RunLock(RunDir(run_dir)):
         run = open_run(exp, run_dir, new_run=new_run, add_task=add_task)
         if config_yaml is not None:
@@ -181,7 +195,9 @@ def _run_locked(run: Run, clock, channel, fail_once_at_step: dict | None) -> Run
 
     exp = run.exp
     executor = RayExecutor(exp, run.rundir, run.manifest, fail_once_at_step=fail_once_at_step, events=channel.queue)
-    machine = StageMachine(get_method(exp.method), exp.tasks, executor)
+    method = get_method(exp.method)
+    machine = StageMachine(method, exp.tasks, executor,
+                           init=lambda number: fresh_weights(exp.model, [t.spec for t in exp.tasks], method, exp.seed, number))
     pending = machine.pending(run.state)
     if not pending:
         _log(f"run {run.rundir.uri}: every stage is complete")

@@ -125,12 +125,17 @@ class RayExecutor:
         return config
 
     # -- StageExecutor -----------------------------------------------------------------
-    def train(self, task: TaskPlan, number: int, stage: Stage, weights: Weights, owners: OwnerMap | None) -> Weights:
+    def train(self, task: TaskPlan, number: int, stage: Stage, weights: Weights, owners: OwnerMap | None,
+              scope: str = "all", first: TaskPlan | None = None) -> Weights:
         from safetensors.torch import load_file
 
         name = task.spec.name
+        if scope == "joint":
+            raise ValueError(f"task {name}: joint training with the first task (method mtl) runs in process only "
+                             "(the comparison job, --compare); the Ray Train workers read one task's data")
         key = f"{name}-{stage.value}"
         config = self._loop_config(key, weights, owners)
+        config["scope"] = scope
         if task.spec.kind != "class":  # samplers need the popularity of items / labels
             counts = torch.as_tensor(self.info.popularity(name))
             self.rundir.write_tensors(f"stages/{key}/popularity.safetensors", {"counts": counts})
@@ -156,10 +161,12 @@ class RayExecutor:
                                     checkpoint=result.checkpoint.path, **overhead)
         return best
 
-    def evaluate(self, tasks: Sequence[TaskPlan], weights: Weights, owners: OwnerMap | None) -> dict[str, dict[str, float]]:
+    def evaluate(self, tasks: Sequence[TaskPlan], weights: Weights, owners: OwnerMap | None,
+                 view: Stage = Stage.SERVE) -> dict[str, dict[str, float]]:
         key = f"eval-{uuid.uuid4().hex[:8]}"
         config = self._loop_config("eval", weights, owners)
         config["eval_tasks"] = [t.spec.name for t in tasks]
+        config["view"] = Stage(view).value
         datasets = {f"test_{t.spec.name}": (t.spec.name, "test") for t in tasks}
         result = _fit(self._trainer(evaluate_worker, config, datasets, key), "evaluation")
         with result.checkpoint.as_directory() as d:

@@ -1,10 +1,17 @@
 """The stage machine as data: a method is a list of steps per task, executed in order.
 
-Conure: ``train -> prune -> retrain -> commit`` for every task. The naive sequential
-fine-tuning baseline (the paper's SinMoAll) is ``train -> commit`` without masks. Other
-methods are other plans on the same machinery. :class:`Ledger` records each task's phase and
-refuses an illegal transition (a task trained twice, a commit before training, a task started
-before the previous one is committed).
+Conure: ``train -> prune -> retrain -> commit`` for every task. Every baseline of the paper
+(section 5.1) is ``train -> commit`` on the same machinery, and differs only in
+
+- what a task after T1 trains (``later``: the whole backbone, only its head, only its
+  patches, or the backbone jointly with T1's objective),
+- whether every task is served by one shared weight set or keeps its own (``backbones``),
+- where a task after T1 starts (``start``: the weights as the previous task left them, T1's
+  committed weights, or a fresh initialisation),
+- and, for DNN, the network itself (``backbone``).
+
+:class:`Ledger` records each task's phase and refuses an illegal transition (a task trained
+twice, a commit before training, a task started before the previous one is committed).
 """
 
 from __future__ import annotations
@@ -24,14 +31,41 @@ class Step(str, enum.Enum):
 @dataclass(frozen=True)
 class Method:
     name: str
-    masking: bool  # use the owner map (False: every task trains the whole backbone)
+    masking: bool  # use the owner map (False: no masks)
     steps: tuple[Step, ...]  # per task, in order; always ends with COMMIT
+    later: str = "all"  # what tasks after T1 train: all | head | patches | joint (see freeze.SCOPES)
+    backbones: str = "shared"  # shared: one weight set serves every task | per_task: each task keeps its own
+    start: str = "previous"  # where a task after T1 starts: previous | first (T1's committed weights) | fresh
+    backbone: str | None = None  # the network this method needs, whatever the model config says
+    summary: str = ""
+
+    def scope(self, number: int) -> str:
+        """What task ``number`` (1-based) trains; T1 always trains the whole network."""
+        return "all" if number == 1 else self.later
+
+    @property
+    def patched(self) -> bool:
+        return self.later == "patches"
 
 
-METHODS: dict[str, Method] = {
-    "conure": Method("conure", True, (Step.TRAIN, Step.PRUNE, Step.RETRAIN, Step.COMMIT)),
-    "sinmoall": Method("sinmoall", False, (Step.TRAIN, Step.COMMIT)),
-}
+_TRAIN_COMMIT = (Step.TRAIN, Step.COMMIT)
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("conure", True, (Step.TRAIN, Step.PRUNE, Step.RETRAIN, Step.COMMIT),
+           summary="one backbone; each task prunes and keeps its own share, nothing is forgotten"),
+    Method("sinmoall", False, _TRAIN_COMMIT, summary="one backbone fine-tuned task after task, nothing protected"),
+    Method("sinmo", False, _TRAIN_COMMIT, backbones="per_task", start="fresh",
+           summary="one backbone per task, each trained from scratch"),
+    Method("finesmax", False, _TRAIN_COMMIT, later="head",
+           summary="T1's backbone frozen after T1; later tasks train only their head"),
+    Method("fineall", False, _TRAIN_COMMIT, backbones="per_task", start="first",
+           summary="each later task fine-tunes its own copy of T1's whole model"),
+    Method("peterrec", False, _TRAIN_COMMIT, later="patches",
+           summary="T1's backbone frozen; later tasks train residual bottleneck patches and their head"),
+    Method("mtl", False, _TRAIN_COMMIT, later="joint", backbones="per_task", start="fresh",
+           summary="each later task trained from scratch jointly with T1's objective"),
+    Method("dnn", False, _TRAIN_COMMIT, backbones="per_task", start="fresh", backbone="dnn",
+           summary="a two-layer feed-forward network over the bag of T1 items, one per task"),
+)}
 
 
 def get_method(name: str) -> Method:

@@ -7,7 +7,7 @@ Used by the tests and by small demos; the distributed trainer runs the same
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -17,9 +17,9 @@ from conure_dist.config import ModelConfig, TaskPlan, TaskSpec
 from conure_dist.eval.evaluate import evaluate_task, main_metric
 from conure_dist.model import ConureModel, OwnerMap, Stage, Weights
 from conure_dist.train.loop import Batch, StageProgress, TorchStepper, run_stage
-from conure_dist.train.losses import make_loss
+from conure_dist.train.losses import TaskLoss, make_loss
 from conure_dist.train.machine import RunState, StageMachine
-from conure_dist.train.plan import Ledger, PlannedStep, get_method
+from conure_dist.train.plan import Ledger, Method, PlannedStep, get_method
 
 
 @dataclass
@@ -91,6 +91,28 @@ def train_popularity(batches: Sequence[Batch], key: str, size: int) -> np.ndarra
     return counts
 
 
+class JointLoss:
+    """A task's loss plus T1's loss on the next T1 batch (MTL): T1's rows are cycled through,
+    in a new order each pass."""
+
+    def __init__(self, task_loss: TaskLoss, first_loss: TaskLoss, first_rows: Mapping[str, torch.Tensor],
+                 batch_size: int, seed: int):
+        self.task_loss, self.first_loss, self.rows, self.batch_size, self.seed = task_loss, first_loss, first_rows, batch_size, seed
+        self._passes, self._batches = 0, iter(())
+
+    def _next_first_batch(self) -> Batch:
+        for _ in range(2):
+            batch = next(self._batches, None)
+            if batch is not None:
+                return batch
+            self._passes += 1
+            self._batches = epoch_batches(self.rows, self.batch_size, self.seed + self._passes)
+        raise ValueError("MTL: the first task has no train rows")
+
+    def __call__(self, model: ConureModel, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        return self.task_loss(model, batch, generator) + self.first_loss(model, self._next_first_batch(), generator)
+
+
 class InProcessExecutor:
     """Runs train/retrain stages with a torch optimizer on one model in this process."""
 
@@ -100,10 +122,11 @@ class InProcessExecutor:
         self.model, self.data, self.device, self.seed = model.to(device), data, device, seed
         self.progress: dict[str, StageProgress] = {}
 
-    def train(self, task: TaskPlan, number: int, stage: Stage, weights: Weights, owners: OwnerMap | None) -> Weights:
+    def train(self, task: TaskPlan, number: int, stage: Stage, weights: Weights, owners: OwnerMap | None,
+              scope: str = "all", first: TaskPlan | None = None) -> Weights:
         spec, cfg, data = task.spec, task.train, self.data[task.spec.name]
         self.model.load_weights(weights)
-        self.model.set_view(owners, spec.name, stage)
+        self.model.set_view(owners, spec.name, stage, scope)
         epochs = cfg.epochs if stage is Stage.TRAIN else cfg.retrain_epochs
         if epochs == 0:
             return self.model.weights()
@@ -116,10 +139,18 @@ class InProcessExecutor:
         validate = None
         if data.validation:
             validate = lambda: evaluate_task(self.model, spec, data.validation, cfg.metric_k, self.device)  # noqa: E731
+        loss_fn = make_loss(spec, cfg, self.model.config.num_items, self._popularity(spec, data))
+        if scope == "joint":
+            if first is None:
+                raise ValueError("scope joint needs the first task")
+            first_data = self.data[first.spec.name]
+            first_loss = make_loss(first.spec, first.train, self.model.config.num_items, self._popularity(first.spec, first_data))
+            loss_fn = JointLoss(loss_fn, first_loss, concat_batches(first_data.train), first.train.batch_size,
+                                shuffle_seed(cfg.seed, 1, stage, 10_000 + number))
         progress, best = run_stage(
             model=self.model,
             stepper=TorchStepper(self.model.trainable_parameters(), cfg),
-            loss_fn=make_loss(spec, cfg, self.model.config.num_items, self._popularity(spec, data)),
+            loss_fn=loss_fn,
             train_batches=batches,
             validate=validate,
             metric=main_metric(spec, cfg.metric_k),
@@ -141,11 +172,12 @@ class InProcessExecutor:
             return train_popularity(data.train, "seq", self.model.config.num_items + 1)
         return train_popularity(data.train, "label", spec.num_labels)
 
-    def evaluate(self, tasks: Sequence[TaskPlan], weights: Weights, owners: OwnerMap | None) -> dict[str, dict[str, float]]:
+    def evaluate(self, tasks: Sequence[TaskPlan], weights: Weights, owners: OwnerMap | None,
+                 view: Stage = Stage.SERVE) -> dict[str, dict[str, float]]:
         self.model.load_weights(weights)
         results = {}
         for task in tasks:
-            self.model.set_view(owners, task.spec.name, Stage.SERVE)
+            self.model.set_view(owners, task.spec.name, view)
             results[task.spec.name] = evaluate_task(self.model, task.spec, self.data[task.spec.name].test, task.train.metric_k, self.device)
         return results
 
@@ -155,6 +187,20 @@ class InProcessRun:
     state: RunState
     model: ConureModel
     executor: InProcessExecutor
+
+
+def build_model(model_config: ModelConfig, tasks: Sequence[TaskSpec], method: Method, seed: int) -> ConureModel:
+    """The network of ``method`` (its own backbone, PeterRec's patches), initialised from ``seed``."""
+    if method.backbone is not None and model_config.backbone != method.backbone:
+        model_config = replace(model_config, backbone=method.backbone)
+    torch.manual_seed(seed)
+    return ConureModel(model_config, tasks, patched=[t.name for t in tasks[1:]] if method.patched else ())
+
+
+def fresh_weights(model_config: ModelConfig, tasks: Sequence[TaskSpec], method: Method, seed: int, number: int) -> Weights:
+    """Freshly initialised weights for task ``number`` of a method that starts tasks from scratch
+    (a seed of their own, so that T2 and T3 do not start from the same draw)."""
+    return build_model(model_config, tasks, method, seed * 1_000 + number).weights()
 
 
 def run_in_process(
@@ -167,14 +213,21 @@ def run_in_process(
     device: str = "cpu",
     on_step_done: Callable[[PlannedStep, RunState], None] | None = None,
     model: ConureModel | None = None,
+    state: RunState | None = None,
+    measure_before_prune: bool = False,
 ) -> InProcessRun:
-    """Learn ``tasks`` one after another with ``method`` ("conure" or "sinmoall").
+    """Learn ``tasks`` one after another with ``method`` (a name of :data:`~conure_dist.train.plan.METHODS`).
 
     ``model`` (optional) is the network to train, built from ``model_config`` when omitted.
+    ``state`` (optional) is a state to go on from: its ledger says which steps are done.
     """
-    torch.manual_seed(seed)
-    model = model if model is not None else ConureModel(model_config, [t.spec for t in tasks])
+    chosen = get_method(method)
+    specs = [t.spec for t in tasks]
+    model = model if model is not None else build_model(model_config, specs, chosen, seed)
     executor = InProcessExecutor(model, data, device=device, seed=seed)
-    state = RunState(model.weights(), model.new_owner_map(), Ledger([t.spec.name for t in tasks]))
-    StageMachine(get_method(method), tasks, executor, on_step_done=on_step_done).run(state)
+    if state is None:
+        state = RunState(model.weights(), model.new_owner_map(), Ledger([t.spec.name for t in tasks]))
+    machine = StageMachine(chosen, tasks, executor, on_step_done=on_step_done, measure_before_prune=measure_before_prune,
+                           init=lambda number: fresh_weights(model.config, specs, chosen, seed, number))
+    machine.run(state)
     return InProcessRun(state, model, executor)

@@ -48,7 +48,10 @@ def _setup(config: dict[str, Any]) -> tuple[ExperimentConfig, RunDir, torch.devi
 
 
 def _build_model(exp: ExperimentConfig, rundir: RunDir, config: dict[str, Any]) -> tuple[ConureModel, OwnerMap | None]:
-    model = ConureModel(exp.model, [t.spec for t in exp.tasks])
+    from conure_dist.train.plan import get_method
+    from conure_dist.train.runner import build_model
+
+    model = build_model(exp.model, [t.spec for t in exp.tasks], get_method(exp.method), exp.seed)
     model.load_weights(rundir.read_tensors(config["input_weights"]))
     owners = OwnerMap.from_state_dict(rundir.read_tensors(config["input_owners"])) if config.get("input_owners") else None
     return model, owners
@@ -83,7 +86,7 @@ def stage_worker(config: dict[str, Any]) -> None:
     epochs = train.epochs if stage is Stage.TRAIN else train.retrain_epochs
     events = config.get("events") if rank == 0 else None
     model, owners = _build_model(exp, rundir, config)
-    model.set_view(owners, spec.name, stage)
+    model.set_view(owners, spec.name, stage, config.get("scope", "all"))
     model.to(device)
     micro_batch = max(1, math.ceil(train.batch_size / world))
     stepper = DeepSpeedStepper(model, train, EngineSettings(exp.cluster.zero_stage, exp.cluster.resolved_precision, micro_batch),
@@ -283,7 +286,7 @@ def evaluate_worker(config: dict[str, Any]) -> None:
     results = {}
     for name in config["eval_tasks"]:
         plan = exp.task(name)
-        model.set_view(owners, name, Stage.SERVE)
+        model.set_view(owners, name, Stage(config.get("view", Stage.SERVE.value)))
         shard = ray.train.get_dataset_shard(f"test_{name}")
         batches = iter_torch_batches(shard, batch_size=plan.train.batch_size * 4, seq_len=exp.seq_len,
                                      with_label=plan.spec.kind != "sequence")
