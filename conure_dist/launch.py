@@ -77,6 +77,17 @@ def add_run_arguments(parser: argparse.ArgumentParser, preset: str) -> None:
                      help="run every stage in this process without Ray or DeepSpeed (debugging; no run directory)")
     run.add_argument("--log-level", choices=["info", "debug"], default="info",
                      help="info: one line per stage event and epoch; debug: also every Ray worker's output (default info)")
+    comp = parser.add_argument_group("comparison (the paper's section 5: every method, ablations, a report)")
+    comp.add_argument("--compare", action="store_true",
+                      help="run every method and the ablations in process and write OUT/report.md, CSVs and figures")
+    comp.add_argument("--out", help="with --compare: the report's directory")
+    comp.add_argument("--seeds", type=int, default=3, help="with --compare: seeds of Table 2, from --seed on (default 3)")
+    comp.add_argument("--ablation-seeds", type=int, default=1, help="with --compare: seeds of the ablations (default 1)")
+    comp.add_argument("--no-ablations", action="store_true", help="with --compare: Table 2 only")
+    comp.add_argument("--tune", action="store_true",
+                      help="with --compare: first choose each later task's learning rate on its validation split")
+    comp.add_argument("--check-ray", action="store_true",
+                      help="with --compare: also produce the Conure row through Ray Train + DeepSpeed (first seed)")
     train = parser.add_argument_group("training")
     train.add_argument("--ratios", help=f"comma-separated prune ratios, one per task{d(base.prune_ratios)}")
     train.add_argument("--epochs", type=int, help="train epochs of every task "
@@ -318,6 +329,10 @@ def run_from_args(args: argparse.Namespace, preset: str) -> int:
     if args.dry_run:
         print(dry_run_report(experiment(prepared_dataset(rc)), gpu_memory))
         return 0
+    if getattr(args, "compare", False):
+        from conure_dist.compare import compare_job
+
+        return compare_job(args, rc, experiment, preset)
     if args.in_process:
         return run_in_process_job(experiment(prepared_dataset(rc)))
     if not rc.run_dir:
@@ -391,17 +406,11 @@ def run_in_process_job(exp: ExperimentConfig) -> int:
     pyarrow instead of Ray Data. Prints the capacity table and the accuracy matrix."""
     from types import SimpleNamespace
 
+    from conure_dist.compare import load_task_data
     from conure_dist.data.format import load_dataset_info
-    from conure_dist.data.pipeline import load_split_batches
-    from conure_dist.train.runner import TaskData, run_in_process
+    from conure_dist.train.runner import run_in_process
 
-    info = load_dataset_info(exp.dataset)
-    data = {}
-    for plan in exp.tasks:
-        name, size = plan.spec.name, plan.train.batch_size
-        splits = {s: load_split_batches(info, name, s, size, exp.seq_len) for s in ("train", "validation", "test")}
-        popularity = info.popularity(name) if plan.spec.kind != "class" else None
-        data[name] = TaskData(splits["train"], splits["validation"], splits["test"], popularity)
+    data = load_task_data(exp, load_dataset_info(exp.dataset))
     started = time.time()
     run = run_in_process(exp.model, exp.tasks, data, method=exp.method, seed=exp.seed)
     print(f"in-process run: {time.time() - started:.0f} s")

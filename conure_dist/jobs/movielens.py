@@ -29,7 +29,9 @@ def get_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    return run_from_args(get_args(argv), "movielens")
+    args = get_args(argv)
+    args.argv, args.job = list(argv) if argv is not None else sys.argv[1:], "movielens"
+    return run_from_args(args, "movielens")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ def get_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = get_args(argv)
+    args.argv, args.job = list(argv) if argv is not None else sys.argv[1:], "ttl"
     return run_from_args(args, "demo" if args.demo else "ttl")
 
 
