@@ -13,7 +13,8 @@ What is shared, and why it is fair: T1's train stage is the same computation for
 built on the same network (same initialisation, data order and steps), so it runs once per seed
 and every method goes on from its result, as the paper's Table 2 shows one T1 value for them.
 Hyperparameters are the run config's, shared by all methods as in the paper; ``--tune`` first
-chooses each later task's learning rate on its validation split (never on test).
+chooses each later task's learning rate (and an item task's negative sampler) on its validation
+split, never on test.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ log = logging.getLogger("conure_dist")
 TABLE2_METHODS = ("dnn", "sinmo", "sinmoall", "finesmax", "fineall", "peterrec", "mtl", "conure")
 PRUNE_SWEEP = (0.5, 0.8, 0.95)  # Figure 6
 EMBEDDING_RATIOS = (0.3, 0.8, 0.8)  # Table 5: embedding prune ratios of T1, T2, T3
-TUNE_LRS = (1e-3, 3e-4, 1e-4)
+# The tuning grid of later tasks: learning rate x the item tasks' negative sampler (LambdaFM's rho:
+# 0.3, the paper's, draws mostly popular items as negatives; 1000 draws them almost uniformly).
+TUNE_GRID = tuple((lr, rho) for lr in (1e-3, 1e-4) for rho in (0.3, 1000.0))
 
 
 @dataclass
@@ -116,8 +119,9 @@ def with_seed(exp: ExperimentConfig, seed: int) -> ExperimentConfig:
     return replace(exp, seed=seed, tasks=tuple(replace(p, train=replace(p.train, seed=seed)) for p in exp.tasks))
 
 
-def with_lrs(exp: ExperimentConfig, lrs: dict[str, float]) -> ExperimentConfig:
-    return replace(exp, tasks=tuple(replace(p, train=replace(p.train, lr=lrs[p.spec.name])) if p.spec.name in lrs else p
+def with_train(exp: ExperimentConfig, settings: dict[str, dict[str, Any]]) -> ExperimentConfig:
+    """``exp`` with train settings replaced per task (task -> {field: value})."""
+    return replace(exp, tasks=tuple(replace(p, train=replace(p.train, **settings[p.spec.name])) if p.spec.name in settings else p
                                     for p in exp.tasks))
 
 
@@ -189,36 +193,45 @@ class Comparison:
             best_validation={k: p.best_metric for k, p in result.executor.progress.items() if p.best_metric is not None},
             backbones=backbones, serving_bytes=nbytes, seconds=round(time.time() - started, 1),
         )
-        log.info(f"  {variant} (seed {exp.seed}): {outcome.seconds:.0f} s; " + ", ".join(
-            f"{t} {v:.4f}" for t in outcome.tasks
-            if (v := outcome.final(t, main_metric(exp.task(t).spec, exp.task(t).train.metric_k))) is not None))
+        if keep:
+            log.info(f"  {variant} (seed {exp.seed}): {outcome.seconds:.0f} s; test " + ", ".join(
+                f"{t} {v:.4f}" for t in outcome.tasks
+                if (v := outcome.final(t, main_metric(exp.task(t).spec, exp.task(t).train.metric_k))) is not None))
+        else:  # a tuning trial: only its validation values are shown
+            log.info(f"  {variant} (seed {exp.seed}): {outcome.seconds:.0f} s; best validation " + ", ".join(
+                f"{k} {v:.4f}" for k, v in outcome.best_validation.items()))
         if keep:
             self.outcomes.append(outcome)
         return outcome
 
     # the paper's tables ---------------------------------------------------------------------------
-    def tune(self, seed: int, lrs: Sequence[float] = TUNE_LRS) -> dict[str, float]:
-        """Each later task's learning rate, chosen on its validation split: FineAll (every later
-        task fine-tunes T1's model) at each rate in ``lrs``; the best validation metric wins."""
+    def tune(self, seed: int, grid: Sequence[tuple[float, float]] = TUNE_GRID) -> dict[str, dict[str, float]]:
+        """Each later task's learning rate (and an item task's negative sampler), chosen on its
+        validation split: FineAll (every later task fine-tunes T1's model) at each point of
+        ``grid`` (lr, bpr_rho); the best validation metric wins. Returns task -> settings."""
         exp = with_seed(self.exp, seed)
         names = [p.spec.name for p in exp.tasks]
+        # T1's train stage as Table 2 runs it (Conure's, masked), shared by every trial.
         capture: dict[str, RunState | None] = {f"{names[0]}/train": None}
-        best: dict[str, tuple[float, float]] = {}
-        for lr in lrs:
-            trial = with_lrs(exp, {n: lr for n in names[1:]})
-            start = capture[f"{names[0]}/train"]
-            out = self.run(f"tune_lr_{lr:g}", "fineall", trial, trial.tasks, start=start,
-                           capture=capture if start is None else None, keep=False)
+        self.run("tune_t1", "conure", exp, pick(exp, names[:1]), capture=capture, keep=False)
+        best: dict[str, tuple[dict[str, float], float]] = {}
+        for lr, rho in grid:
+            trial = with_train(exp, {n: {"lr": lr, "bpr_rho": rho} for n in names[1:]})
+            out = self.run(f"tune_lr_{lr:g}_rho_{rho:g}", "fineall", trial, trial.tasks, start=capture[f"{names[0]}/train"],
+                           keep=False)
             for name in names[1:]:
+                item = exp.task(name).spec.kind == "item"
+                if not item and rho != grid[0][1]:
+                    continue  # the sampler is an item task's: class tasks need each rate once
                 value = out.best_validation.get(f"{name}/train", float("-inf"))
                 metric = main_metric(exp.task(name).spec, exp.task(name).train.metric_k)
-                self.tuning.append({"task": name, "lr": lr, "metric": metric, "validation": value})
+                self.tuning.append({"task": name, "lr": lr, "bpr_rho": rho if item else "", "metric": metric, "validation": value})
                 if name not in best or value > best[name][1]:
-                    best[name] = (lr, value)
-        chosen = {name: lr for name, (lr, _) in best.items()}
+                    best[name] = ({"lr": lr, "bpr_rho": rho} if item else {"lr": lr}, value)
+        chosen = {name: settings for name, (settings, _) in best.items()}
         for row in self.tuning:
-            row["chosen"] = chosen[row["task"]] == row["lr"]
-        log.info("tuned learning rates (validation): " + ", ".join(f"{n} {lr:g}" for n, lr in chosen.items()))
+            row["chosen"] = chosen[row["task"]]["lr"] == row["lr"] and chosen[row["task"]].get("bpr_rho", "") == row["bpr_rho"]
+        log.info("tuned on validation: " + ", ".join(f"{n} " + " ".join(f"{k} {v:g}" for k, v in c.items()) for n, c in chosen.items()))
         return chosen
 
     def table2(self, seed: int, methods: Sequence[str] = TABLE2_METHODS) -> dict[str, RunState]:
@@ -279,7 +292,7 @@ def run_comparison(exp: ExperimentConfig, info, *, seeds: int, ablation_seeds: i
     comparison = Comparison(exp, load_task_data(exp, info))
     base = exp.seed
     if tune:
-        comparison.exp = with_lrs(exp, comparison.tune(base))
+        comparison.exp = with_train(exp, comparison.tune(base))
     for s in range(seeds):
         log.info(f"seed {base + s}: Table 2 ({len(methods)} methods)")
         capture = comparison.table2(base + s, methods)
@@ -340,7 +353,7 @@ def compare_job(args, rc, experiment: Callable[[str], ExperimentConfig], preset:
     from conure_dist import __version__, storage
     from conure_dist.config import ConfigError
     from conure_dist.data.format import load_dataset_info
-    from conure_dist.eval.floors import floors
+    from conure_dist.eval.floors import floor_standard_error, floors, popularity_floor
     from conure_dist.eval.report import ReportInputs, write_report
     from conure_dist.launch import prepared_dataset
     from conure_dist.logs import DriverLog
@@ -355,12 +368,19 @@ def compare_job(args, rc, experiment: Callable[[str], ExperimentConfig], preset:
         if not rc.data and not rc.run_dir:  # raw inputs: prepared into a scratch directory, never into the report
             rc = replace(rc, run_dir=scratch)
         exp = experiment(prepared_dataset(rc))
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         info = load_dataset_info(exp.dataset)
         started = time.time()
         logger.info(f"conure_dist {__version__}: comparison on {exp.dataset}, {args.seeds} seed(s), report in {args.out}")
-        comparison = run_comparison(exp, info, seeds=args.seeds, ablation_seeds=args.ablation_seeds, tune=args.tune,
-                                    ablations=not args.no_ablations)
+        # Same seed, same numbers: with several threads some CPU kernels (index accumulation in the
+        # embedding and sampled-softmax backward) sum in a varying order, and the small differences
+        # grow over hundreds of steps into a different best epoch.
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            comparison = run_comparison(exp, info, seeds=args.seeds, ablation_seeds=args.ablation_seeds, tune=args.tune,
+                                        ablations=not args.no_ablations)
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
         if args.check_ray:
             logger.info("the Conure row through Ray Train + DeepSpeed")
             ray_dir = rc.run_dir if rc.run_dir and rc.run_dir != scratch else storage.join(scratch, "ray-run")
@@ -390,8 +410,12 @@ def compare_job(args, rc, experiment: Callable[[str], ExperimentConfig], preset:
         }
         floor_values = {name: value for name, (_, value) in floors(info, final.tasks).items()}
         test_rows = {p.spec.name: info.task(p.spec.name).counts["test"] for p in final.tasks}
+        floor_se = {p.spec.name: floor_standard_error(info, p.spec, p.train.metric_k) for p in final.tasks}
+        validation_floors = {p.spec.name: popularity_floor(info, p.spec, p.train.metric_k, "validation")[metrics[p.spec.name]]
+                             for p in final.tasks}
         command = _shown_command(getattr(args, "argv", None) or sys.argv[1:], getattr(args, "job", preset))
         path = write_report(ReportInputs(comparison.outcomes, [p.spec.name for p in final.tasks], metrics, floor_values,
-                                         test_rows, settings, comparison.tuning, command), args.out)
+                                         test_rows, settings, comparison.tuning, command, floor_se, validation_floors),
+                            args.out)
         logger.info(f"report: {path} ({wall / 60:.1f} min)")
     return 0

@@ -326,6 +326,53 @@ def run_batch_mix(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_item_step(args: argparse.Namespace) -> int:
+    """One item-task training step (BPR forward + backward) over a batch whose rows repeat users:
+    the backbone over every row vs once per distinct sequence (what ``user_representation`` does)."""
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+
+    from conure_dist.config import ModelConfig, TaskSpec
+    from conure_dist.model import ConureModel, Stage
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = ModelConfig(num_items=args.num_items, embed_dim=args.embed_dim, dilations=(1, 2, 4, 8) * args.repeat_dilations)
+    model = ConureModel(cfg, [TaskSpec("t1", "sequence"), TaskSpec("t2", "item", num_labels=args.labels)])
+    model.set_view(None, "t2", Stage.TRAIN)
+    users = torch.randint(1, args.num_items + 1, (args.users, args.seq_len))
+    rows = users[torch.randint(0, args.users, (args.batch_size,))]
+    distinct = torch.unique(rows, dim=0).shape[0]
+    pos, neg = torch.randint(0, args.labels, (2, args.batch_size))
+    head = model.heads["t2"]
+
+    def step(represent) -> float:
+        model.zero_grad(set_to_none=True)
+        t = time.perf_counter()
+        h = represent(rows)
+        (-F.logsigmoid(head.score(h, pos) - head.score(h, neg)).mean()).backward()
+        return time.perf_counter() - t
+
+    ways = {"every row": lambda seq: model.hidden(seq)[:, -1], "distinct sequences": model.user_representation}
+    times = {name: [] for name in ways}
+    for _ in range(args.warmup):
+        for fn in ways.values():
+            step(fn)
+    for _ in range(args.repeats):  # interleaved, so drift hits both alike
+        for name, fn in ways.items():
+            times[name].append(step(fn))
+    med = {name: statistics.median(v) for name, v in times.items()}
+    print(f"batch {args.batch_size} rows of {distinct} distinct users: every row {1e3 * med['every row']:.1f} ms, "
+          f"distinct sequences {1e3 * med['distinct sequences']:.1f} ms, "
+          f"ratio {med['distinct sequences'] / med['every row']:.3f}")
+    print(f"config: nextitnet f={args.embed_dim} conv layers={4 * args.repeat_dilations} seq={args.seq_len} "
+          f"threads={torch.get_num_threads()} repeats={args.repeats} (median)")
+    return 0
+
+
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -369,6 +416,18 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     b.add_argument("--epochs", type=int, default=2)
     b.add_argument("--num-cpus", type=int, default=os.cpu_count())
     b.set_defaults(func=run_batch_mix)
+    it = sub.add_parser("item-step", help="item-task step: backbone over every row vs once per distinct user")
+    it.add_argument("--users", type=int, default=750, help="users the batch rows are drawn from (ML-100K: ~750)")
+    it.add_argument("--batch-size", type=int, default=512)
+    it.add_argument("--embed-dim", type=int, default=64)
+    it.add_argument("--repeat-dilations", type=int, default=2)
+    it.add_argument("--seq-len", type=int, default=30)
+    it.add_argument("--num-items", type=int, default=1682)
+    it.add_argument("--labels", type=int, default=1444)
+    it.add_argument("--repeats", type=int, default=15)
+    it.add_argument("--warmup", type=int, default=2)
+    it.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    it.set_defaults(func=run_item_step)
     return parser.parse_args(argv)
 
 

@@ -68,3 +68,25 @@ def test_compare_needs_an_output_directory(tmp_path, capsys):
 
     code = main_guard(ttl.main, ["--compare", "--data", str(tmp_path)])
     assert code == 2 and "--out" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_check_ray_adds_the_conure_row_from_ray_train(tmp_path, monkeypatch):
+    """--check-ray: the Conure row once more through Ray Data -> Ray Train -> DeepSpeed -> coordinator."""
+    for key, value in {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                       "DS_ACCELERATOR": "cpu", "RAY_TMPDIR": str(tmp_path / "ray")}.items():
+        monkeypatch.setenv(key, value)
+    prepare_synthetic(TINY, str(tmp_path / "data"), seed=0)
+    out = tmp_path / "report"
+    argv = ["--compare", "--check-ray", "--no-ablations", "--data", str(tmp_path / "data"), "--out", str(out),
+            "--seeds", "1", "--tasks", "pretrain,click", "--workers", "1", "--run-dir", str(tmp_path / "run"), *SMALL]
+    try:
+        assert ttl.main(argv) == 0
+    finally:
+        import ray
+
+        ray.shutdown()
+    table = rows(out / "table2.csv")
+    ray_row = {r["task"]: float(r["mean"]) for r in table if r["method"] == "Conure (Ray Train + DeepSpeed)"}
+    assert set(ray_row) == {"pretrain", "click"}
+    assert (tmp_path / "run" / "manifest.json").exists()  # the real run directory, with its manifest

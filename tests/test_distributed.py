@@ -222,3 +222,32 @@ def test_new_run_starts_over_and_never_reuses_the_old_runs_checkpoints(dataset, 
         trained.append(executor.train(run.exp.tasks[0], 1, Stage.TRAIN, run.state.weights, run.state.owners))
     assert not torch.equal(trained[0]["backbone.embedding.weight"], trained[1]["backbone.embedding.weight"])
     assert RunDir(str(tmp_path / "run")).read_json("manifest.json")["config"]["seed"] == 5
+
+
+@pytest.mark.parametrize("method", ["fineall", "peterrec"])
+def test_baselines_run_through_ray_train_and_resume(dataset, ray_cluster, tmp_path, method):
+    """A one-backbone-per-task method keeps each task's weight set in the run directory and
+    serves each task from it; PeterRec trains only its patches and head (T1 unchanged)."""
+    from dataclasses import replace
+
+    from conure_dist.train.coordinator import run_experiment
+
+    exp = replace(experiment(dataset, ("pretrain", "click")), method=method)
+    run_dir = str(tmp_path / "run")
+    run = run_experiment(exp, run_dir)
+    manifest = json.load(open(os.path.join(run_dir, "manifest.json")))
+    t1 = {r["after_task"]: r["value"] for r in run.state.accuracy if r["task"] == "pretrain" and r["metric"] == "mrr@5"}
+    assert t1["pretrain"] == t1["click"], t1  # neither method changes what serves T1
+    if method == "fineall":
+        sets = manifest["state"]["sets"]
+        assert set(sets) == {"pretrain", "click"}
+        stored = {t: RunDir(run_dir).read_tensors(f) for t, f in sets.items()}
+        conv = "backbone.blocks.0.conv1.weight"
+        assert not torch.equal(stored["pretrain"][conv], stored["click"][conv])
+    else:
+        assert "sets" not in manifest["state"]
+        weights = RunDir(run_dir).read_tensors(manifest["state"]["weights"])
+        assert any(k.startswith("patches.click.") and ".up." in k and weights[k].abs().sum() > 0 for k in weights)
+    again = run_experiment(exp, run_dir)  # resume: nothing left to run, the same results
+    assert again.state.accuracy == run.state.accuracy
+    assert set(again.state.sets) == set(run.state.sets)

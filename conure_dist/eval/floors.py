@@ -26,6 +26,25 @@ def popularity_ranks(counts: np.ndarray) -> np.ndarray:
 
 def popularity_floor(info: DatasetInfo, spec: TaskSpec, k: int = 5, split: str = "test") -> dict[str, float]:
     """The metrics of the popularity / majority predictor on ``split`` of task ``spec.name``."""
+    ranks = _popularity_target_ranks(info, spec, split)
+    sums = MetricSums("class" if spec.kind == "class" else "ranking", k)
+    if spec.kind == "class":
+        sums.add_correct(ranks == 1)
+    else:
+        sums.add_ranks(ranks)
+    return sums.result()
+
+
+def floor_standard_error(info: DatasetInfo, spec: TaskSpec, k: int = 5, split: str = "test") -> float:
+    """Standard error of the floor's main metric from the sampling of ``split``'s rows alone
+    (per-row reciprocal rank within k, or correct / wrong): how far two predictors of this
+    quality may differ on this split by chance."""
+    ranks = _popularity_target_ranks(info, spec, split).numpy()
+    per_row = (ranks == 1).astype(float) if spec.kind == "class" else np.where(ranks <= k, 1.0 / ranks, 0.0)
+    return float(per_row.std(ddof=1) / np.sqrt(len(per_row))) if len(per_row) > 1 else float("nan")
+
+
+def _popularity_target_ranks(info: DatasetInfo, spec: TaskSpec, split: str) -> torch.Tensor:
     from conure_dist.data.pipeline import read_split_table
 
     table = read_split_table(info, spec.name, split)
@@ -38,13 +57,7 @@ def popularity_floor(info: DatasetInfo, spec: TaskSpec, k: int = 5, split: str =
         targets = last[last != PAD_ID].astype(np.int64)
     else:
         targets = table.column("label").to_numpy().astype(np.int64)
-    ranks = torch.as_tensor(popularity_ranks(counts)[targets])
-    sums = MetricSums("class" if spec.kind == "class" else "ranking", k)
-    if spec.kind == "class":
-        sums.add_correct(ranks == 1)
-    else:
-        sums.add_ranks(ranks)
-    return sums.result()
+    return torch.as_tensor(popularity_ranks(counts)[targets])
 
 
 def floors(info: DatasetInfo, tasks, split: str = "test") -> dict[str, tuple[str, float]]:

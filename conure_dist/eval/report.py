@@ -62,6 +62,8 @@ class ReportInputs:
     settings: dict[str, Any]  # shown in the report: dataset, model, training, seeds, wall time
     tuning: list[dict]
     command: str
+    floor_se: dict[str, float] = None  # task -> standard error of Pop's value from the test split's sampling
+    validation_floors: dict[str, float] = None  # task -> Pop on the validation split
 
 
 def _stat(outcomes: Iterable[Outcome], value) -> Stat:
@@ -121,9 +123,12 @@ def _table2_text(inp: ReportInputs, cells: dict[str, dict[str, Stat]]) -> str:
     cols, out = inp.tasks, []
     below = [(LABELS[m], t, c[t].mean, inp.floors[t]) for m, c in cells.items() for t in cols
              if c[t].values and c[t].mean <= inp.floors[t]]
+    se = inp.floor_se or {}
     if below:
-        out.append("Not above the popularity / majority floor (mean over seeds): "
-                   + "; ".join(f"{m} on {t} ({v:.4f} vs {f:.4f})" for m, t, v, f in below) + ".")
+        out.append("Not above the popularity / majority floor (mean over seeds; the gap in units of the test split's "
+                   "sampling standard error): " + "; ".join(
+                       f"{m} on {t} ({v:.4f} vs {f:.4f}" + (f", {(f - v) / se[t]:.1f} SE)" if se.get(t) else ")")
+                       for m, t, v, f in below) + ".")
     else:
         out.append("Every method is above the popularity / majority floor on every task (mean over seeds).")
     forgetting = []
@@ -382,13 +387,24 @@ def write_report(inp: ReportInputs, out_dir: str) -> str:
     ]
     if inp.tuning:
         tasks = sorted({r["task"] for r in inp.tuning}, key=inp.tasks.index)
-        lrs = sorted({r["lr"] for r in inp.tuning}, reverse=True)
-        md = [[t, *(next((f"{r['validation']:.4f}{' ←' if r['chosen'] else ''}" for r in inp.tuning
-                          if r["task"] == t and r["lr"] == lr), "-") for lr in lrs)] for t in tasks]
+        points = sorted({(r["lr"], r["bpr_rho"]) for r in inp.tuning}, key=lambda p: (-p[0], str(p[1])))
+        md = []
+        for t in tasks:
+            cells = []
+            for lr, rho in points:
+                hit = [r for r in inp.tuning if r["task"] == t and r["lr"] == lr and r["bpr_rho"] == rho]
+                cells.append(f"{hit[0]['validation']:.4f}{' ←' if hit[0]['chosen'] else ''}" if hit else "")
+            md.append([t, *cells])
+        vf = inp.validation_floors or {}
+        for row, t in zip(md, tasks):
+            row.append(f"{vf[t]:.4f}" if t in vf else "")
+        points_header = [*(f"lr {lr:g}" + (f", ρ {rho:g}" if rho != "" else "") for lr, rho in points), "Pop (validation)"]
         parts += ["## Tuning (validation split only)", "",
-                  "Each later task's learning rate, chosen by FineAll's best validation metric (T1's train stage shared); "
-                  "the chosen rate (←) is used by every method. Test splits are not read.", "",
-                  _md_table(["task", *(f"lr {lr:g}" for lr in lrs)], md), ""]
+                  "Each later task's learning rate, and an item task's negative sampler (LambdaFM's ρ: 0.3, the paper's, "
+                  "draws mostly popular labels as negatives; 1000 draws them almost uniformly), chosen by FineAll's best "
+                  "validation metric (T1's train stage shared). The chosen setting (←) is used by every method. Test "
+                  "splits are not read.", "",
+                  _md_table(["task", *points_header], md), ""]
     parts += ["## Table 2: every method", "", t2_md, "", "**What this shows.** " + t2_text, ""]
     for name, rows, md, text in ablation_tables(inp):
         slug = name.split(":")[0].lower().replace(" ", "")
