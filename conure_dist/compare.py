@@ -360,6 +360,11 @@ def compare_job(args, rc, experiment: Callable[[str], ExperimentConfig], preset:
 
     if not args.out:
         raise ConfigError("--compare needs --out DIR (where report.md, its CSVs and figures go)")
+    if args.report_only:
+        from conure_dist.eval.report import load_inputs
+
+        print(f"report: {write_report(load_inputs(args.out), args.out)}")
+        return 0
     if storage.is_uri(args.out):
         raise ConfigError(f"--out {args.out}: the report is written to a local directory")
     if args.seeds < 1 or args.ablation_seeds < 0:
@@ -381,8 +386,9 @@ def compare_job(args, rc, experiment: Callable[[str], ExperimentConfig], preset:
                                         ablations=not args.no_ablations)
         finally:
             torch.use_deterministic_algorithms(deterministic)
+        in_process = time.time() - started
         if args.check_ray:
-            logger.info("the Conure row through Ray Train + DeepSpeed")
+            logger.info(f"in-process comparison: {in_process / 60:.1f} min; the Conure row through Ray Train + DeepSpeed")
             ray_dir = rc.run_dir if rc.run_dir and rc.run_dir != scratch else storage.join(scratch, "ray-run")
             comparison.outcomes.append(ray_conure_row(with_seed(comparison.exp, exp.seed), ray_dir))
         wall = time.time() - started
@@ -392,7 +398,9 @@ def compare_job(args, rc, experiment: Callable[[str], ExperimentConfig], preset:
         later_lrs = sorted({p.train.lr for p in final.tasks[1:]}, reverse=True)
         settings = {
             "title": f"The paper's comparison on {os.path.basename(os.path.normpath(rc.source.raw or rc.data or exp.dataset))}",
-            "wall_time": f"{wall / 60:.1f} min", "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
+            "wall_time": f"{wall / 60:.1f} min" + (f" ({in_process / 60:.1f} min in process, the rest through Ray Train)"
+                                                  if args.check_ray else ""),
+            "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
             "engine": "in process (the same stage machine, plans and merge rules as the distributed trainer; torch Adam)"
                       + ("; the Conure row once more through Ray Train + DeepSpeed" if args.check_ray else ""),
             "tasks": " → ".join(f"T{i + 1} {p.spec.name}" for i, p in enumerate(final.tasks)),

@@ -86,6 +86,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, preset: str) -> None:
     comp.add_argument("--no-ablations", action="store_true", help="with --compare: Table 2 only")
     comp.add_argument("--tune", action="store_true",
                       help="with --compare: first choose each later task's learning rate on its validation split")
+    comp.add_argument("--report-only", action="store_true",
+                      help="with --compare: write the report again from OUT/outcomes.json, without training")
     comp.add_argument("--check-ray", action="store_true",
                       help="with --compare: also produce the Conure row through Ray Train + DeepSpeed (first seed)")
     train = parser.add_argument_group("training")

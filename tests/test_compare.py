@@ -73,8 +73,11 @@ def test_compare_needs_an_output_directory(tmp_path, capsys):
 @pytest.mark.slow
 def test_check_ray_adds_the_conure_row_from_ray_train(tmp_path, monkeypatch):
     """--check-ray: the Conure row once more through Ray Data -> Ray Train -> DeepSpeed -> coordinator."""
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must fit in 107 bytes
     for key, value in {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-                       "DS_ACCELERATOR": "cpu", "RAY_TMPDIR": str(tmp_path / "ray")}.items():
+                       "DS_ACCELERATOR": "cpu", "RAY_TMPDIR": ray_tmp}.items():
         monkeypatch.setenv(key, value)
     prepare_synthetic(TINY, str(tmp_path / "data"), seed=0)
     out = tmp_path / "report"

@@ -70,8 +70,11 @@ def _stat(outcomes: Iterable[Outcome], value) -> Stat:
     return Stat([v for o in outcomes if (v := value(o)) is not None])
 
 
-def _by_variant(outcomes: Sequence[Outcome], variant: str) -> list[Outcome]:
-    return [o for o in outcomes if o.variant == variant]
+def _by_variant(outcomes: Sequence[Outcome], variant: str, seeds_of: str | None = None) -> list[Outcome]:
+    """The outcomes of ``variant``; with ``seeds_of``, only at the seeds that variant ran (an
+    ablation runs fewer seeds than Table 2, and is compared at its own seeds)."""
+    seeds = {o.seed for o in outcomes if o.variant == seeds_of} if seeds_of else None
+    return [o for o in outcomes if o.variant == variant and (seeds is None or o.seed in seeds)]
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -184,7 +187,7 @@ def ablation_tables(inp: ReportInputs) -> list[tuple[str, list[dict], str, str]]
         pairs = [("with T2 first", "conure", "conure_no_t2", "80/5/15"), ("with T2 first", "conure_split20", "conure_no_t2_split20", "20/80")]
         rows, md = [], []
         for _, with_v, without_v, split in pairs:
-            w = _stat(_by_variant(inp.outcomes, with_v), lambda o: o.before(t3, metric[t3]))
+            w = _stat(_by_variant(inp.outcomes, with_v, seeds_of=without_v), lambda o: o.before(t3, metric[t3]))
             wo = _stat(_by_variant(inp.outcomes, without_v), lambda o: o.before(t3, metric[t3]))
             if not w.values or not wo.values:
                 continue
@@ -200,7 +203,7 @@ def ablation_tables(inp: ReportInputs) -> list[tuple[str, list[dict], str, str]]
     if len(orders) > 1:
         rows, md = [], []
         for v in orders:
-            o = _by_variant(inp.outcomes, v)
+            o = _by_variant(inp.outcomes, v, seeds_of=orders[-1])
             seq = o[0].tasks
             cells = {t: (_stat(o, lambda x, t=t: x.before(t, metric[t])), _stat(o, lambda x, t=t: x.final(t, metric[t]))) for t in cols[1:] if t in seq}
             rows += [{"order": " -> ".join(seq), "task": t, "conure-": a.mean, "conure": b.mean} for t, (a, b) in cells.items()]
@@ -215,7 +218,8 @@ def ablation_tables(inp: ReportInputs) -> list[tuple[str, list[dict], str, str]]
     sweep = [(r, o) for r, o in sweep if o]
     if sweep and len(cols) >= 2:
         t2 = cols[1]
-        base = _stat(_by_variant(inp.outcomes, "conure"), lambda o: o.best_validation.get(f"{t2}/train"))
+        base = _stat(_by_variant(inp.outcomes, "conure", seeds_of=f"prune_{sweep[0][0]:g}"),
+                     lambda o: o.best_validation.get(f"{t2}/train"))
         rows, md = [], []
         for r, o in sweep:
             after = _stat(o, lambda x: x.final(t2, metric[t2]))
@@ -236,11 +240,12 @@ def ablation_tables(inp: ReportInputs) -> list[tuple[str, list[dict], str, str]]
             seq = o[0].tasks
             a = {t: _stat(o, lambda x, t=t: x.before(t, metric[t])) for t in seq}
             b = {t: _stat(o, lambda x, t=t: x.final(t, metric[t])) for t in seq}
-            plain = {t: _stat(_by_variant(inp.outcomes, "conure"), lambda x, t=t: x.final(t, metric[t])) for t in seq}
+            plain = {t: _stat(_by_variant(inp.outcomes, "conure", seeds_of=variant), lambda x, t=t: x.final(t, metric[t]))
+                     for t in seq}
             rows = [{"model": "Conure- (embedding pruned)", "task": t, "value": a[t].mean} for t in seq]
             rows += [{"model": "Conure (embedding pruned)", "task": t, "value": b[t].mean} for t in seq]
             md = [["Conure- (embedding pruned)", *(a[t].text() for t in seq)], ["Conure (embedding pruned)", *(b[t].text() for t in seq)],
-                  ["Conure (convolutions only, Table 2)", *(plain[t].text() for t in seq)]]
+                  ["Conure (convolutions only, same seeds)", *(plain[t].text() for t in seq)]]
             text = "Pruning the embedding too, against pruning the convolutions only: " + ", ".join(
                 f"{t} {b[t].mean:.4f} vs {plain[t].mean:.4f}" for t in seq) + "."
             out.append((title, rows, _md_table(["model", *seq], md), text))
@@ -357,12 +362,32 @@ def retraining_plot(inp: ReportInputs, path: str) -> bool:
 
 # -- the report ---------------------------------------------------------------------------------------
 
+INPUTS_FILE = "outcomes.json"
+
+
+def load_inputs(out_dir: str) -> ReportInputs:
+    """The inputs a report was made from (``OUT/outcomes.json``), to write it again."""
+    import json
+
+    path = os.path.join(out_dir, INPUTS_FILE)
+    try:
+        data = json.load(open(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no comparison results to write a report from (run --compare first)") from None
+    data["outcomes"] = [Outcome(**o) for o in data["outcomes"]]
+    return ReportInputs(**data)
+
+
 def write_report(inp: ReportInputs, out_dir: str) -> str:
     """Write report.md, its CSVs and PNGs into ``out_dir`` (each file to a temporary name, then
-    renamed); returns the report's path."""
+    renamed), and the inputs as outcomes.json; returns the report's path."""
+    import dataclasses
+    import json
+
     from conure_dist import storage
 
     os.makedirs(out_dir, exist_ok=True)
+    storage.write_bytes(os.path.join(out_dir, INPUTS_FILE), json.dumps(dataclasses.asdict(inp), indent=1).encode())
     csv_rows, t2_md, t2_text = table2(inp)
     files = {"table2.csv": csv_text(csv_rows, list(csv_rows[0])),
              "runs.csv": csv_text(outcome_rows(inp.outcomes), ("variant", "method", "seed", "phase", "task", "metric", "value"))}
