@@ -339,7 +339,9 @@ def run_from_args(args: argparse.Namespace, preset: str) -> int:
         return run_in_process_job(experiment(prepared_dataset(rc)))
     if not rc.run_dir:
         raise ConfigError("--run-dir is required (where the manifest, checkpoints and reports go)")
-    from conure_dist.train.coordinator import run_experiment
+    from conure_dist.train.coordinator import check_method, run_experiment
+
+    check_method(rc.method)
 
     with DriverLog(rc.run_dir, debug=args.log_level == "debug") as log:
         exp = experiment(prepared_dataset(rc))
@@ -350,8 +352,9 @@ def run_from_args(args: argparse.Namespace, preset: str) -> int:
         run = run_experiment(exp, rc.run_dir, new_run=args.new_run, add_task=args.add_task, config_yaml=config_yaml)
         log.sync()
         log.info(f"\nrun directory: {run.rundir.uri}  ({time.time() - started:.0f} s)")
-        log.info("capacity of the backbone:")
-        log.info(run.state.owners.capacity_table({i + 1: t.spec.name for i, t in enumerate(exp.tasks)}))
+        if METHODS[exp.method].masking:
+            log.info("capacity of the backbone:")
+            log.info(run.state.owners.capacity_table({i + 1: t.spec.name for i, t in enumerate(exp.tasks)}))
         log.info("accuracy matrix (main metric; rows: after committing; columns: task):")
         log.info(accuracy_table(run, run.floors or floors_of(exp)))
         log.info("reports: " + ", ".join(run.rundir.storage_uri(p) for p in

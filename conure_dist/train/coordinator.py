@@ -154,15 +154,20 @@ def write_reports(run: Run) -> None:
     run.rundir.write_text("reports/floors.csv", csv_text(rows, ("task", "metric", "value")))
 
 
+def check_method(name: str) -> None:
+    """Refuse a method the Ray Train workers cannot run (before any cluster is started)."""
+    if get_method(name).later == "joint":
+        raise ConfigError(f"method: {name} trains two tasks' data in one stage, which only the in-process runs do "
+                          "(--compare, --in-process); the Ray Train workers read one task's data per stage")
+
+
 def run_experiment(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False, add_task: bool = False,
                    fail_once_at_step: dict | None = None, config_yaml: str | None = None) -> Run:
     """Run (or resume) every pending step of the plan; returns the finished run. ``config_yaml``
     (the resolved run config) is written to RUN_DIR/config.yaml once the run is opened."""
     from conure_dist.logs import EventChannel, RunClock
 
-    if get_method(exp.method).later == "joint":
-        raise ConfigError(f"method: {exp.method} trains two tasks' data in one stage, which only the in-process "
-                          "comparison does (--compare); the Ray Train workers read one task's data per stage")
+    check_method(exp.method)
     with RunLock(RunDir(run_dir)):
         run = open_run(exp, run_dir, new_run=new_run, add_task=add_task)
         if config_yaml is not None:

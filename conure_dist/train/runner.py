@@ -198,9 +198,11 @@ def build_model(model_config: ModelConfig, tasks: Sequence[TaskSpec], method: Me
 
 
 def fresh_weights(model_config: ModelConfig, tasks: Sequence[TaskSpec], method: Method, seed: int, number: int) -> Weights:
-    """Freshly initialised weights for task ``number`` of a method that starts tasks from scratch
-    (a seed of their own, so that T2 and T3 do not start from the same draw)."""
-    return build_model(model_config, tasks, method, seed * 1_000 + number).weights()
+    """Freshly initialised weights for task ``number`` of a method that starts tasks from scratch,
+    from a seed of their own, drawn from (seed, number): T2 and T3 do not start from the same
+    draw, nor from the draw of another run seed."""
+    own = int(np.random.SeedSequence([seed & 0xFFFFFFFF, number]).generate_state(1)[0])
+    return build_model(model_config, tasks, method, own).weights()
 
 
 def run_in_process(
