@@ -96,3 +96,12 @@ def test_scopes_of_later_tasks():
     model.set_view(None, "clicks", Stage.TRAIN, "patches")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("patches.clicks.", "heads.clicks.")) for n in trainable)
+
+
+def test_mtl_is_refused_on_ray_before_anything_starts(tmp_path, capsys):
+    from conure_dist.jobs import ttl
+    from conure_dist.launch import main_guard
+
+    code = main_guard(ttl.main, ["--demo", "--method", "mtl", "--run-dir", str(tmp_path / "run")])
+    assert code == 2
+    assert "mtl" in capsys.readouterr().err and not (tmp_path / "run").exists()

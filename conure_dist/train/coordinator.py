@@ -16,7 +16,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-
 from conure_dist.config import ConfigError, ExperimentConfig
 from conure_dist.eval.evaluate import main_metric
 from conure_dist.model import ConureModel, OwnerMap, Weights
