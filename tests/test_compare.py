@@ -92,4 +92,4 @@ def test_check_ray_adds_the_conure_row_from_ray_train(tmp_path, monkeypatch):
     table = rows(out / "table2.csv")
     ray_row = {r["task"]: float(r["mean"]) for r in table if r["method"] == "Conure (Ray Train + DeepSpeed)"}
     assert set(ray_row) == {"pretrain", "click"}
-    assert (tmp_path / "run" / "manifest.json").exists()  # the real run directory, with its manifest
+    assert (tmp_path / "run" / "compare-conure" / "manifest.json").exists()  # a real run directory, with its manifest
