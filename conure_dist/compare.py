@@ -142,7 +142,7 @@ def footprint(method_name: str, state: RunState) -> tuple[int, int]:
         return len(state.sets), total
     total = size(state.weights, lambda k: True)
     if method.masking:
-        total += sum(t.numel() * t.element_size() for t in state.owners.state_dict().values())
+        total += size(state.owners.state_dict(), lambda k: True)
     return 1, total
 
 
@@ -197,11 +197,10 @@ class Comparison:
             log.info(f"  {variant} (seed {exp.seed}): {outcome.seconds:.0f} s; test " + ", ".join(
                 f"{t} {v:.4f}" for t in outcome.tasks
                 if (v := outcome.final(t, main_metric(exp.task(t).spec, exp.task(t).train.metric_k))) is not None))
+            self.outcomes.append(outcome)
         else:  # a tuning trial: only its validation values are shown
             log.info(f"  {variant} (seed {exp.seed}): {outcome.seconds:.0f} s; best validation " + ", ".join(
                 f"{k} {v:.4f}" for k, v in outcome.best_validation.items()))
-        if keep:
-            self.outcomes.append(outcome)
         return outcome
 
     # the paper's tables ---------------------------------------------------------------------------
