@@ -3,6 +3,10 @@
     conure-dist prepare movielens|ttl|synthetic ...   raw data -> a prepared dataset
     conure-dist train --preset ttl --data ... --run-dir ...   train (or resume) a run
     conure-dist config list | show NAME               the shipped configs (YAML)
+    conure-dist export --run-dir ... --out MODEL_DIR  a trained run as one model directory
+    conure-dist predict --model MODEL_DIR --task NAME --input FILE   a few users, JSON lines out
+    conure-dist score --model MODEL_DIR --task NAME --input DATA --output DATA   Ray Data batch scoring
+    conure-dist evaluate --model MODEL_DIR            a model's test metrics next to the run's
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import sys
 
 from conure_dist import __version__
 from conure_dist.data.cli import add_prepare_parser
+from conure_dist.serve.cli import add_serve_parsers
 
 
 def _add_train_parser(subparsers) -> None:
@@ -58,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     add_prepare_parser(subparsers)
     _add_train_parser(subparsers)
     _add_config_parser(subparsers)
+    add_serve_parsers(subparsers)
     args = parser.parse_args(argv)
     return main_guard(lambda _: args.func(args))
 

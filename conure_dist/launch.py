@@ -74,7 +74,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, preset: str) -> None:
     run.add_argument("--gpu-memory", metavar="SIZE|CARD",
                      help="with --dry-run: check the plan against a GPU, e.g. 80GiB, 24GB or a card name (h100, a10g, ...)")
     run.add_argument("--in-process", action="store_true",
-                     help="run every stage in this process without Ray or DeepSpeed (debugging; no run directory)")
+                     help="run every stage in this process with a torch optimizer, without Ray or DeepSpeed (debugging, "
+                          "small runs); with --run-dir it writes the same run directory, without, it only prints the results")
     run.add_argument("--log-level", choices=["info", "debug"], default="info",
                      help="info: one line per stage event and epoch; debug: also every Ray worker's output (default info)")
     comp = parser.add_argument_group("comparison (the paper's section 5: every method, ablations, a report)")
@@ -335,21 +336,24 @@ def run_from_args(args: argparse.Namespace, preset: str) -> int:
         from conure_dist.compare import compare_job
 
         return compare_job(args, rc, experiment, preset)
-    if args.in_process:
+    if args.in_process and not rc.run_dir:
         return run_in_process_job(experiment(prepared_dataset(rc)))
     if not rc.run_dir:
         raise ConfigError("--run-dir is required (where the manifest, checkpoints and reports go)")
     from conure_dist.train.coordinator import check_method, run_experiment
 
-    check_method(rc.method)
+    if not args.in_process:
+        check_method(rc.method)
 
     with DriverLog(rc.run_dir, debug=args.log_level == "debug") as log:
         exp = experiment(prepared_dataset(rc))
-        log.info(f"conure_dist {__version__}: run directory {rc.run_dir}")
+        log.info(f"conure_dist {__version__}: run directory {rc.run_dir}" + (" (in process)" if args.in_process else ""))
         log.debug("resolved config:\n" + config_yaml)
-        connect_ray(worker_output=args.log_level == "debug")
+        if not args.in_process:
+            connect_ray(worker_output=args.log_level == "debug")
         started = time.time()
-        run = run_experiment(exp, rc.run_dir, new_run=args.new_run, add_task=args.add_task, config_yaml=config_yaml)
+        run = run_experiment(exp, rc.run_dir, new_run=args.new_run, add_task=args.add_task, config_yaml=config_yaml,
+                             in_process=args.in_process)
         log.sync()
         log.info(f"\nrun directory: {run.rundir.uri}  ({time.time() - started:.0f} s)")
         if METHODS[exp.method].masking:
@@ -471,11 +475,12 @@ def main_guard(fn, argv: Sequence[str] | None = None) -> int:
     from conure_dist.model import FrozenWeightsChanged
     from conure_dist.train.executor import StageFailed
     from conure_dist.train.loop import NonFiniteLoss
+    from conure_dist.serve.artifact import ModelFileError
     from conure_dist.train.rundir import RunDirError
 
     try:
         return fn(argv)
-    except (ConfigError, RunDirError, DatasetFormatError) as e:
+    except (ConfigError, RunDirError, DatasetFormatError, ModelFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (StageFailed, NonFiniteLoss, FrozenWeightsChanged) as e:

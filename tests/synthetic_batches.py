@@ -55,3 +55,15 @@ def task_plans(epochs: int = 2, optimizer: str = "adam", weight_decay: float = 0
         TaskPlan(TaskSpec("clicks", "item", num_labels=12, prune_ratio=ratios[1]), train),
         TaskPlan(TaskSpec("age", "class", num_labels=3, prune_ratio=ratios[2]), train),
     ]
+
+
+@torch.no_grad()
+def task_outputs(model, weights, owners, task: str, seq: torch.Tensor) -> torch.Tensor:
+    """Raw scores of ``task``'s head (every label or item, padding included) for ``seq``, served
+    from ``weights`` in the owner map's SERVE view: what the bit-identity checks compare."""
+    from conure_dist.model import Stage
+
+    model.load_weights(weights)
+    model.set_view(owners, task, Stage.SERVE)
+    model.eval()
+    return model.heads[task](model.user_representation(seq))

@@ -14,11 +14,18 @@ import time
 
 import pytest
 import torch
+from synthetic_batches import task_outputs
 
-from conure_dist.config import ClusterConfig, ExperimentConfig, ModelConfig, TaskPlan, TaskSpec, TrainConfig
+from conure_dist.config import (
+    ClusterConfig,
+    ExperimentConfig,
+    ModelConfig,
+    TaskPlan,
+    TaskSpec,
+    TrainConfig,
+)
 from conure_dist.data.synthetic import SyntheticConfig, prepare_synthetic
 from conure_dist.model import ConureModel, OwnerMap
-from conure_dist.serve.predict import task_outputs
 from conure_dist.train.rundir import RunDir
 
 pytestmark = pytest.mark.slow

@@ -3,13 +3,12 @@ promises to keep and serves each task from the weights it claims."""
 
 import pytest
 import torch
+from synthetic_batches import make_data, model_config, task_outputs, task_plans
 
 from conure_dist.model import Stage
 from conure_dist.model.freeze import stage_trainable
-from conure_dist.serve.predict import task_outputs
 from conure_dist.train.plan import METHODS, Step, get_method
 from conure_dist.train.runner import build_model, run_in_process
-from synthetic_batches import make_data, model_config, task_plans
 
 PROBE = torch.tensor([[0, 0, 1, 2, 3, 4, 5, 6], [11, 12, 13, 14, 15, 16, 17, 18]])
 

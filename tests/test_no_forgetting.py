@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from synthetic_batches import make_data, model_config, task_outputs, task_plans
 
 from conure_dist.model import ConureModel
-from conure_dist.serve.predict import task_outputs
 from conure_dist.train.plan import Step
 from conure_dist.train.runner import run_in_process
-from synthetic_batches import make_data, model_config, task_plans
 
 PROBE = torch.tensor([[0, 0, 1, 2, 3, 4, 5, 6], [11, 12, 13, 14, 15, 16, 17, 18], [0, 0, 0, 0, 0, 31, 32, 33]])
 

@@ -48,8 +48,13 @@ def _settings(exp: ExperimentConfig) -> dict[str, Any]:
     return result_settings(exp, dataset_digest(load_dataset_info(exp.dataset).to_json()))
 
 
-def open_run(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False, add_task: bool = False) -> Run:
-    """Create the run directory, or reopen it to resume; refuse one made with other settings."""
+ENGINES = ("ray", "in-process")
+
+
+def open_run(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False, add_task: bool = False,
+             engine: str = "ray") -> Run:
+    """Create the run directory, or reopen it to resume; refuse one made with other settings
+    or by the other engine (DeepSpeed workers and the in-process optimizer differ in numerics)."""
     rundir = RunDir(run_dir)
     names = [t.spec.name for t in exp.tasks]
     settings = _settings(exp)
@@ -63,6 +68,10 @@ def open_run(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False, add_
         if data.get("format_version") != FORMAT_VERSION:
             raise RunDirError(f"{rundir.path(MANIFEST)}: format version {data.get('format_version')} is not "
                               f"{FORMAT_VERSION}; resume it with the version that made it, or pass --new-run")
+        made_by = data.get("engine", "ray")
+        if made_by != engine:
+            raise RunDirError(f"{rundir.uri} was run by the {made_by} engine; resume it the same way "
+                              f"({'without' if made_by == 'ray' else 'with'} --in-process), or pass --new-run")
         old = data["tasks"]
         if old != names and not (add_task and names[: len(old)] == old and len(names) > len(old)):
             raise RunDirError(
@@ -98,7 +107,7 @@ def open_run(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False, add_
     manifest = Manifest(rundir, {
         "format_version": FORMAT_VERSION, "run_id": uuid.uuid4().hex[:12], "created": now(),
         "fingerprint": settings_fingerprint(settings), "settings": settings, "config": exp.to_dict(),
-        "method": exp.method, "tasks": names, "ledger": state.ledger.to_dict(), "stages": {}, "accuracy": [],
+        "method": exp.method, "engine": engine, "tasks": names, "ledger": state.ledger.to_dict(), "stages": {}, "accuracy": [],
         "owner_map_version": 0, "state": {},
     })
     _save_state(manifest, state, "init")
@@ -161,22 +170,26 @@ def check_method(name: str) -> None:
 
 
 def run_experiment(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False, add_task: bool = False,
-                   fail_once_at_step: dict | None = None, config_yaml: str | None = None) -> Run:
+                   fail_once_at_step: dict | None = None, config_yaml: str | None = None, in_process: bool = False) -> Run:
     """Run (or resume) every pending step of the plan; returns the finished run. ``config_yaml``
-    (the resolved run config) is written to RUN_DIR/config.yaml once the run is opened."""
+    (the resolved run config) is written to RUN_DIR/config.yaml once the run is opened.
+    ``in_process``: train with a torch optimizer in this process instead of Ray Train workers
+    (debugging, small runs); the run directory is the same."""
     from conure_dist.logs import EventChannel, RunClock
 
-    check_method(exp.method)
+    if not in_process:
+        check_method(exp.method)
     with RunLock(RunDir(run_dir)):
-        run = open_run(exp, run_dir, new_run=new_run, add_task=add_task)
+        run = open_run(exp, run_dir, new_run=new_run, add_task=add_task, engine="in-process" if in_process else "ray")
         if config_yaml is not None:
             run.rundir.write_text("config.yaml", config_yaml)
         clock = RunClock()
-        channel = EventChannel(clock)
+        channel = None if in_process else EventChannel(clock)
         try:
-            return _run_locked(run, clock, channel, fail_once_at_step)
+            return _run_locked(run, clock, channel, fail_once_at_step, in_process)
         finally:
-            channel.close()
+            if channel is not None:
+                channel.close()
 
 
 # Steps that run a Ray Train fit (commit: the evaluation of every committed task).
@@ -194,11 +207,23 @@ def _remaining_examples(exp: ExperimentConfig, info, steps) -> int:
     return total
 
 
-def _run_locked(run: Run, clock, channel, fail_once_at_step: dict | None) -> Run:
+def _in_process_executor(exp: ExperimentConfig, info):
+    from conure_dist.compare import load_task_data
+    from conure_dist.train.runner import InProcessExecutor
+
+    return InProcessExecutor(_model(exp, exp.seed), load_task_data(exp, info), seed=exp.seed)
+
+
+def _run_locked(run: Run, clock, channel, fail_once_at_step: dict | None, in_process: bool = False) -> Run:
+    from conure_dist.data.format import load_dataset_info
     from conure_dist.logs import sync_driver_log
 
     exp = run.exp
-    executor = RayExecutor(exp, run.rundir, run.manifest, fail_once_at_step=fail_once_at_step, events=channel.queue)
+    dataset = load_dataset_info(exp.dataset)
+    if in_process:
+        executor = _in_process_executor(exp, dataset)
+    else:
+        executor = RayExecutor(exp, run.rundir, run.manifest, fail_once_at_step=fail_once_at_step, events=channel.queue)
     method = get_method(exp.method)
     machine = StageMachine(method, exp.tasks, executor,
                            init=lambda number: fresh_weights(exp.model, [t.spec for t in exp.tasks], method, exp.seed, number))
@@ -210,13 +235,14 @@ def _run_locked(run: Run, clock, channel, fail_once_at_step: dict | None) -> Run
     for index, planned in enumerate(pending):
         started = time.time()
         later = pending[index + 1:]
-        clock.plan(_remaining_examples(exp, executor.info, later), sum(p.step in FIT_STEPS for p in later))
+        clock.plan(_remaining_examples(exp, dataset, later), sum(p.step in FIT_STEPS for p in later))
         clock.begin_fit()
         if planned.step in (Step.TRAIN, Step.RETRAIN):
             train = exp.task(planned.task).train
             epochs = train.epochs if planned.step is Step.TRAIN else train.retrain_epochs
-            _log(f"{planned.key}  started: {epochs} epochs, batch {train.batch_size} on {exp.cluster.num_workers} workers")
-        if planned.step not in (Step.TRAIN, Step.RETRAIN):
+            _log(f"{planned.key}  started: {epochs} epochs, batch {train.batch_size} "
+                 + ("in process" if in_process else f"on {exp.cluster.num_workers} workers"))
+        if in_process or planned.step not in (Step.TRAIN, Step.RETRAIN):  # the Ray executor records its stages
             run.manifest.stage_started(planned.key)
         machine.execute(planned, run.state)
         if planned.step is Step.PRUNE:
