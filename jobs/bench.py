@@ -22,6 +22,14 @@ split, read the way stage workers read it (seeded file order, exactly-once split
 shuffle buffer), against the stored order (no per-epoch shuffle).
 
     python jobs/bench.py batch-mix --data runs/ml100k/data --task rated_4_5 --batch-size 512
+
+``serve``: an exported model of the paper's TTL shape (646K items, f = 256, 16 conv layers,
+six tasks with 18K / 8K item labels and 8 / 2 / 6 classes, the paper's prune ratios): its size
+against one backbone per task and against a dense float mask per task; predict latency for
+one user (p50 / p99); users/s of batch prediction in process and of `conure-dist score`
+(Ray Data, an actor pool) on Parquet; fp32 and bf16.
+
+    python jobs/bench.py serve --users 2048
 """
 
 from __future__ import annotations
@@ -373,6 +381,123 @@ def run_item_step(args: argparse.Namespace) -> int:
     return 0
 
 
+TTL_TASKS = (("pretrain", "sequence", 0, 0.7), ("click", "item", 18_000, 0.8), ("like", "item", 8_000, 0.9),
+             ("age", "class", 8, 0.8), ("gender", "class", 2, 0.9), ("lifestatus", "class", 6, 0.9))
+
+
+def _ttl_model_dir(out: str, num_items: int, embed_dim: int, repeat_dilations: int, seq_len: int) -> dict:
+    """A model directory of the TTL shape: random weights, the owner map after six prunes."""
+    import pyarrow as pa
+    import torch
+
+    from conure_dist.config import ModelConfig, TaskSpec
+    from conure_dist.model import ConureModel
+    from conure_dist.serve.artifact import write_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_items=num_items, embed_dim=embed_dim, dilations=(1, 2, 4, 8) * repeat_dilations)
+    specs = [TaskSpec(n, k, num_labels=labels, prune_ratio=r) for n, k, labels, r in TTL_TASKS]
+    model = ConureModel(cfg, specs)
+    weights = model.weights()
+    owners = model.new_owner_map()
+    for number, spec in enumerate(specs, 1):
+        owners = owners.prune(weights, number, {name: spec.prune_ratio for name in owners.names})
+    weights.update(owners.release_unowned(weights))
+    items = pa.table({"id": pa.array(range(1, num_items + 1), pa.int32()),
+                      "token": pa.array([f"i{i}" for i in range(1, num_items + 1)])})
+    labels = {s.name: pa.table({"id": pa.array(range(s.num_labels), pa.int32()),
+                                "token": pa.array([f"{s.name}_{i}" for i in range(s.num_labels)])})
+              for s in specs if s.kind != "sequence"}
+    tasks = [{"name": s.name, "kind": s.kind, "num_labels": s.num_labels, "metric_k": 5, "main_metric": "",
+              "eval_batch_size": 256, "test_at_commit": {}} for s in specs]
+    doc = write_model(out, model=cfg, method="conure", tasks=tasks, seq_len=seq_len, items=items, labels=labels,
+                      num_items=num_items, oov_item_id=None, weights=weights, owners=owners.state_dict(),
+                      source={"bench": "serve"}, overwrite=True)
+    heads = sum(v.numel() for k, v in weights.items() if k.startswith("heads."))
+    backbone = sum(v.numel() for k, v in weights.items() if not k.startswith("heads."))
+    prunable = sum(o.numel() for o in owners.state_dict().values())
+    return {"doc": doc, "heads": heads, "backbone": backbone, "prunable": prunable}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Size, one-user latency and batch throughput of an exported TTL-shaped model."""
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from conure_dist import serve
+    from conure_dist.serve.artifact import footprint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = os.path.join(args.workdir, "model")
+    started = time.time()
+    made = _ttl_model_dir(out, args.num_items, args.embed_dim, args.repeat_dilations, args.seq_len)
+    print(f"model directory written in {time.time() - started:.0f} s: {out}")
+    sizes = footprint(made["doc"], made["backbone"], made["prunable"], made["heads"])
+    print(f"size (MB): model directory {sizes['model_dir'] / 1e6:.1f} (tensors {sizes['weights'] / 1e6:.1f}, owner map "
+          f"{sizes['owner_map'] / 1e6:.2f}); one backbone per task {sizes['one_backbone_per_task'] / 1e6:.1f} "
+          f"({sizes['one_backbone_per_task'] / sizes['model_dir']:.2f}x); one backbone + a dense float mask per task "
+          f"{sizes['dense_float_masks'] / 1e6:.1f} ({sizes['dense_float_masks'] / sizes['model_dir']:.2f}x)")
+    rng = np.random.default_rng(0)
+    users = [[f"i{i}" for i in rng.integers(1, args.num_items + 1, args.seq_len)] for _ in range(args.users)]
+    results = {"sizes": sizes, "latency_ms": {}, "in_process_users_per_s": {}, "score_job_users_per_s": {}}
+    for dtype in args.dtypes:
+        started = time.time()
+        model = serve.load(out, dtype=dtype)
+        print(f"[{dtype}] load {time.time() - started:.1f} s")
+        for task in args.tasks:
+            model.use(task)
+            for _ in range(args.warmup):
+                model.predict(task, [users[0]], k=5)
+            times = []
+            for i in range(args.repeats):
+                t = time.perf_counter()
+                model.predict(task, [users[i % len(users)]], k=5)
+                times.append(1e3 * (time.perf_counter() - t))
+            p50, p99 = _percentile(times, 0.5), _percentile(times, 0.99)
+            results["latency_ms"][f"{dtype}/{task}"] = (p50, p99)
+            t = time.perf_counter()
+            for start in range(0, len(users), args.batch_size):
+                model.predict(task, users[start:start + args.batch_size], k=5)
+            rate = len(users) / (time.perf_counter() - t)
+            results["in_process_users_per_s"][f"{dtype}/{task}"] = rate
+            print(f"[{dtype}] {task}: one user p50 {p50:.1f} ms, p99 {p99:.1f} ms; batches of {args.batch_size}: "
+                  f"{rate:,.0f} users/s in process")
+        del model
+    if args.score_job:
+        import pyarrow.parquet as pq
+
+        from conure_dist.launch import connect_ray
+        from conure_dist.serve.score import score
+
+        data = os.path.join(args.workdir, "users.parquet")
+        pq.write_table(pa.table({"user": list(range(len(users))), "seq": users}), data)
+        connect_ray()
+        for dtype in args.dtypes:
+            for task in args.tasks:
+                summary = score(out, task, data, os.path.join(args.workdir, f"scored-{dtype}-{task}"),
+                                workers=args.workers, cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size,
+                                dtype=dtype, overwrite=True)
+                rate = summary.rows / summary.seconds
+                results["score_job_users_per_s"][f"{dtype}/{task}"] = rate
+                print(f"[{dtype}] {task}: conure-dist score ({args.workers} actors x {args.cpus_per_worker} CPU, "
+                      f"batch {args.batch_size}): {rate:,.0f} users/s over {summary.rows} users "
+                      f"({summary.seconds:.1f} s, actor start and model load included)")
+    print(f"config: items={args.num_items} f={args.embed_dim} conv layers={4 * args.repeat_dilations} "
+          f"seq={args.seq_len} threads={torch.get_num_threads()} repeats={args.repeats} "
+          f"python={platform.python_version()} torch={torch.__version__}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -428,6 +553,24 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     it.add_argument("--warmup", type=int, default=2)
     it.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     it.set_defaults(func=run_item_step)
+    sv = sub.add_parser("serve", help="exported model: size, one-user latency, batch users/s (in process, Ray Data)")
+    sv.add_argument("--workdir", default="/tmp/conure-bench/serve", help="where the model and data go (outside the repo)")
+    sv.add_argument("--num-items", type=int, default=646_000)
+    sv.add_argument("--embed-dim", type=int, default=256)
+    sv.add_argument("--repeat-dilations", type=int, default=4)
+    sv.add_argument("--seq-len", type=int, default=100)
+    sv.add_argument("--users", type=int, default=2048, help="users scored in the throughput runs")
+    sv.add_argument("--batch-size", type=int, default=256)
+    sv.add_argument("--tasks", nargs="+", default=["pretrain", "click"])
+    sv.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    sv.add_argument("--repeats", type=int, default=100)
+    sv.add_argument("--warmup", type=int, default=5)
+    sv.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    sv.add_argument("--no-score-job", dest="score_job", action="store_false", help="skip the Ray Data runs")
+    sv.add_argument("--workers", type=int, default=2, help="score job actors")
+    sv.add_argument("--cpus-per-worker", type=float, default=0.5)
+    sv.add_argument("--json", default=None, help="also write the measurements here")
+    sv.set_defaults(func=run_serve)
     return parser.parse_args(argv)
 
 

@@ -114,3 +114,14 @@ def test_the_cluster_readme_example_on_s3_with_a_kill_and_a_resume(s3_server, tm
     tail = out.strip().splitlines()
     assert tail[-1].startswith("reports: ") and f"{run_dir}/reports/accuracy_matrix.csv" in tail[-1]
     assert any(line.startswith("accuracy matrix") for line in tail[-10:])
+
+    # The run on the bucket exported to the bucket, and served from there: every committed task's
+    # test metrics, recomputed from the model directory, equal the run's.
+    model_dir = f"s3://{bucket}/models/demo"
+    exported = subprocess.run([sys.executable, "-m", "conure_dist.cli", "export", "--run-dir", run_dir, "--out", model_dir],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert storage.exists(f"{model_dir}/model.json") and storage.exists(f"{model_dir}/owners.safetensors")
+    evaluated = subprocess.run([sys.executable, "-m", "conure_dist.cli", "evaluate", "--model", model_dir],
+                               cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0 and evaluated.stdout.count("equal") == 6, evaluated.stdout + evaluated.stderr[-3000:]

@@ -37,7 +37,7 @@ def make_run(root, method):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    return {m: make_run(root, m) for m in ("conure", "fineall", "peterrec")}
+    return {m: make_run(root, m) for m in ("conure", "fineall", "peterrec", "dnn")}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def committed_metrics(run_dir, after):
     return out
 
 
-@pytest.mark.parametrize("method", ["conure", "fineall", "peterrec"])
+@pytest.mark.parametrize("method", ["conure", "fineall", "peterrec", "dnn"])
 def test_the_exported_model_scores_every_task_exactly_as_the_run_evaluated_it(runs, exported, method):
     doc, model_dir = exported[method]
     model = serve.load(model_dir)
@@ -70,7 +70,7 @@ def test_the_exported_model_scores_every_task_exactly_as_the_run_evaluated_it(ru
         assert got == recorded[task], (method, task)
     files = set(doc["files"])
     assert ("owners.safetensors" in files) == (method == "conure")  # the only masking method here
-    assert ("sets/click.safetensors" in files) == (method == "fineall")
+    assert ("sets/click.safetensors" in files) == (method in ("fineall", "dnn"))  # one backbone per task
 
 
 def test_as_of_exports_the_model_of_an_earlier_commit(runs, tmp_path):

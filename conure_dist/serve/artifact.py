@@ -183,6 +183,8 @@ def export_model(run_dir: str, out: str, *, as_of: str | None = None, data: str 
     """Write the model of ``run_dir`` as of the commit of ``as_of`` (default: the last commit)
     to ``out``; returns the written ``model.json``. ``data``: the prepared dataset, where the
     run's own path no longer reaches it."""
+    from dataclasses import replace
+
     from conure_dist.config import ExperimentConfig
     from conure_dist.eval.evaluate import main_metric
     from conure_dist.train.plan import get_method
@@ -194,57 +196,66 @@ def export_model(run_dir: str, out: str, *, as_of: str | None = None, data: str 
     exp = ExperimentConfig.from_dict(commit.manifest["config"])
     method = get_method(exp.method)
     info = _dataset(commit, data)
-    exported = set(commit.tasks)
-
-    files: dict[str, bytes] = {}
-    if method.backbones == "per_task":
-        for task in commit.tasks:  # each task serves from its own weights; other tasks' heads are not needed
-            own = {k: v for k, v in commit.task_set(task).items() if _kept(k, {task})}
-            files[f"sets/{task}.safetensors"] = tensor_bytes(own)
-    else:
-        files["weights.safetensors"] = tensor_bytes({k: v for k, v in commit.weights().items() if _kept(k, exported)})
-    if method.masking:
-        files["owners.safetensors"] = tensor_bytes(commit.owners())
-    items = info.item_tokens().select(["id", "token"])
-    files["vocab/items.parquet"] = parquet_bytes(items)
     metrics = commit.metrics()
     tasks = []
     for task in commit.tasks:
         plan = exp.task(task)
-        spec = plan.spec
-        entry = {"name": task, "kind": spec.kind, "num_labels": spec.num_labels, "metric_k": plan.train.metric_k,
-                 "main_metric": main_metric(spec, plan.train.metric_k), "eval_batch_size": plan.train.batch_size,
-                 "test_at_commit": metrics.get(task, {})}
-        if spec.kind != "sequence":
-            files[f"vocab/labels/{task}.parquet"] = parquet_bytes(info.label_tokens(task).select(["id", "token"]))
-        tasks.append(entry)
-    model = exp.model if method.backbone is None else _replace_backbone(exp.model, method.backbone)
+        tasks.append({"name": task, "kind": plan.spec.kind, "num_labels": plan.spec.num_labels,
+                      "metric_k": plan.train.metric_k, "main_metric": main_metric(plan.spec, plan.train.metric_k),
+                      "eval_batch_size": plan.train.batch_size, "test_at_commit": metrics.get(task, {})})
+    per_task = method.backbones == "per_task"
+    return write_model(
+        out, model=exp.model if method.backbone is None else replace(exp.model, backbone=method.backbone),
+        method=exp.method, tasks=tasks, seq_len=exp.seq_len,
+        items=info.item_tokens(), labels={t: info.label_tokens(t) for t in commit.tasks if exp.task(t).spec.kind != "sequence"},
+        num_items=info.num_items, oov_item_id=info.oov_item_id,
+        weights=None if per_task else commit.weights(),
+        sets={t: commit.task_set(t) for t in commit.tasks} if per_task else None,
+        owners=commit.owners() if method.masking else None,
+        source={"run_dir": commit.run_dir, "run_id": commit.manifest.get("run_id"), "as_of": commit.as_of,
+                "dataset": info.path, "left_out": commit.left_out},
+        overwrite=overwrite)
+
+
+def write_model(out: str, *, model, method: str, tasks: list[dict], seq_len: int, items: pa.Table,
+                labels: Mapping[str, pa.Table], num_items: int, oov_item_id: int | None,
+                weights: Mapping[str, torch.Tensor] | None = None, sets: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+                owners: Mapping[str, torch.Tensor] | None = None, source: dict | None = None,
+                overwrite: bool = False) -> dict[str, Any]:
+    """Write a model directory: ``model`` (a ModelConfig), the ``tasks`` entries (name, kind,
+    num_labels, metric_k, main_metric, eval_batch_size, test_at_commit), the vocabularies, and
+    either the shared ``weights`` or each task's own weight set (``sets``); heads and patches of
+    tasks not in ``tasks`` are left out. Returns the written ``model.json``."""
+    from conure_dist.config import to_dict
+    from conure_dist.train.plan import get_method
+
+    out = storage.resolve(out)
+    if storage.exists(storage.join(out, MODEL_FILE)) and not overwrite:
+        raise ModelFileError(f"{out}: already holds a model; pass --overwrite to replace it, or choose another --out")
+    names = [t["name"] for t in tasks]
+    files: dict[str, bytes] = {}
+    if sets is not None:
+        for task in names:  # each task serves from its own weights; other tasks' heads are not needed
+            files[f"sets/{task}.safetensors"] = tensor_bytes({k: v for k, v in sets[task].items() if _kept(k, {task})})
+    else:
+        files["weights.safetensors"] = tensor_bytes({k: v for k, v in weights.items() if _kept(k, set(names))})
+    if owners is not None:
+        files["owners.safetensors"] = tensor_bytes(owners)
+    files["vocab/items.parquet"] = parquet_bytes(items.select(["id", "token"]))
+    for task in names:
+        if task in labels:
+            files[f"vocab/labels/{task}.parquet"] = parquet_bytes(labels[task].select(["id", "token"]))
     doc = {
         "format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "conure_dist_version": __version__,
-        "created": round(time.time(), 3),
-        "source": {"run_dir": commit.run_dir, "run_id": commit.manifest.get("run_id"), "as_of": commit.as_of,
-                   "dataset": info.path, "left_out": commit.left_out},
-        "method": exp.method, "masking": method.masking, "per_task_weights": method.backbones == "per_task",
-        "patched": [t for t in commit.tasks[1:]] if method.patched else [],
-        "model": _config_dict(model), "seq_len": exp.seq_len,
-        "num_items": info.num_items, "oov_item_id": info.oov_item_id,
+        "created": round(time.time(), 3), "source": source or {},
+        "method": method, "masking": owners is not None, "per_task_weights": sets is not None,
+        "patched": names[1:] if get_method(method).patched else [],
+        "model": to_dict(model), "seq_len": seq_len, "num_items": num_items, "oov_item_id": oov_item_id,
         "tasks": tasks,
         "files": {rel: {"bytes": len(data), "sha256": sha256(data)} for rel, data in sorted(files.items())},
     }
     _publish(out, files, doc, overwrite)
     return doc
-
-
-def _replace_backbone(model, backbone: str):
-    from dataclasses import replace
-
-    return replace(model, backbone=backbone)
-
-
-def _config_dict(model) -> dict:
-    from conure_dist.config import to_dict
-
-    return to_dict(model)
 
 
 def _publish(out: str, files: Mapping[str, bytes], doc: dict, overwrite: bool) -> None:
