@@ -36,10 +36,7 @@ def add_serve_parsers(subparsers) -> None:
         description="One user per input line: comma-separated item tokens, oldest first (the TTL files' format; "
                     "the token 0 is padding and a ',,labels' part is ignored), a JSON list of tokens, or a JSON "
                     "object with `seq` (and optionally `user`). Prints one JSON object per input line.")
-    predict.add_argument("--model", required=True, help="a model directory (conure-dist export)")
-    predict.add_argument("--task", required=True, help="the task to serve")
-    predict.add_argument("--input", required=True, help="the file of users, or - for standard input")
-    predict.add_argument("--k", type=int, default=5, help="items or labels per user (default 5)")
+    _model_task_input(predict, "the file of users, or - for standard input")
     predict.add_argument("--exclude-seen", action="store_true", help="never recommend an item already in the sequence")
     predict.add_argument("--embed", action="store_true", help="print each user's representation instead")
     predict.set_defaults(func=_predict)
@@ -48,11 +45,8 @@ def add_serve_parsers(subparsers) -> None:
         "score", help="score or embed a Parquet dataset of users with Ray Data (Parquet out)",
         description="Read Parquet with a `seq` column (item tokens per user, oldest first; other columns are "
                     "passed through), score every row with a pool of model actors, write Parquet to --output.")
-    score.add_argument("--model", required=True, help="a model directory (conure-dist export)")
-    score.add_argument("--task", required=True, help="the task to serve")
-    score.add_argument("--input", required=True, help="Parquet file or directory (local path or URI)")
+    _model_task_input(score, "Parquet file or directory (local path or URI)")
     score.add_argument("--output", required=True, help="output directory (local path or URI)")
-    score.add_argument("--k", type=int, default=5, help="items or labels per user (default 5)")
     score.add_argument("--embed", action="store_true", help="write the user representation instead of predictions")
     score.add_argument("--ids", action="store_true",
                        help="`seq` holds the model's item ids (a prepared dataset's rows), not tokens")
@@ -74,6 +68,13 @@ def add_serve_parsers(subparsers) -> None:
     evaluate.add_argument("--task", action="append", help="a task (repeat; default: every task)")
     evaluate.add_argument("--split", choices=["train", "validation", "test"], default="test")
     evaluate.set_defaults(func=_evaluate)
+
+
+def _model_task_input(parser, input_help: str) -> None:
+    parser.add_argument("--model", required=True, help="a model directory (conure-dist export)")
+    parser.add_argument("--task", required=True, help="the task to serve")
+    parser.add_argument("--input", required=True, help=input_help)
+    parser.add_argument("--k", type=int, default=5, help="items or labels per user (default 5)")
 
 
 def _export(args) -> int:
