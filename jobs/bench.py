@@ -30,6 +30,11 @@ one user (p50 / p99); users/s of batch prediction in process and of `conure-dist
 (Ray Data, an actor pool) on Parquet; fp32 and bf16.
 
     python jobs/bench.py serve --users 2048
+
+``prune``: the coordinator's owner-map prune of the TTL model (T1 at ratio 0.7, then T2 at
+0.8), conv layers alone and with the 646K x 256 item embedding, against a float64 stable sort.
+
+    python jobs/bench.py prune
 """
 
 from __future__ import annotations
@@ -498,6 +503,43 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_prune(args: argparse.Namespace) -> int:
+    """The coordinator's prune (owner map update) on the TTL model: the conv layers alone, and
+    with the item embedding too (Table 5), against a stable sort of -|w| in float64 (the
+    definition the selection must match, and the implementation before it)."""
+    import torch
+
+    from conure_dist.model.owner_map import OwnerMap, prune_free_weights
+
+    def by_sort(weight, owner, task, ratio):
+        flat = owner.reshape(-1)
+        free = torch.nonzero(flat == 0).reshape(-1)
+        n_keep = int(round((1.0 - ratio) * free.numel()))
+        order = torch.sort(-weight.reshape(-1)[free].abs().to(torch.float64), stable=True).indices
+        out = flat.clone()
+        out[free[order[:n_keep]]] = task
+        return out.reshape(owner.shape)
+
+    torch.manual_seed(0)
+    convs = {f"backbone.blocks.{i // 2}.conv{i % 2 + 1}.weight": torch.randn(args.embed_dim, args.embed_dim, 3)
+             for i in range(4 * args.repeat_dilations)}
+    cases = {"conv layers": convs}
+    if args.num_items:
+        cases["conv layers + item embedding"] = {**convs, "backbone.embedding.weight": torch.randn(args.num_items + 1, args.embed_dim)}
+    for label, weights in cases.items():
+        n = sum(w.numel() for w in weights.values())
+        for name, fn in (("selection", prune_free_weights), ("stable sort (before)", by_sort)):
+            owners = OwnerMap.for_shapes({k: tuple(v.shape) for k, v in weights.items()})
+            times = []
+            for task, ratio in ((1, 0.7), (2, 0.8)):
+                t = time.perf_counter()
+                owners = OwnerMap({k: fn(weights[k], owners.owner(k), task, ratio) for k in owners.names})
+                times.append(time.perf_counter() - t)
+            print(f"{label} ({n / 1e6:.1f}M weights), {name}: T1 prune {times[0]:.2f} s, T2 prune {times[1]:.2f} s")
+    print(f"threads={torch.get_num_threads()}")
+    return 0
+
+
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -553,6 +595,11 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     it.add_argument("--warmup", type=int, default=2)
     it.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     it.set_defaults(func=run_item_step)
+    pr = sub.add_parser("prune", help="owner-map prune of the TTL model: selection vs a stable sort")
+    pr.add_argument("--embed-dim", type=int, default=256)
+    pr.add_argument("--repeat-dilations", type=int, default=4)
+    pr.add_argument("--num-items", type=int, default=646_000, help="0: conv layers only")
+    pr.set_defaults(func=run_prune)
     sv = sub.add_parser("serve", help="exported model: size, one-user latency, batch users/s (in process, Ray Data)")
     sv.add_argument("--workdir", default="/tmp/conure-bench/serve", help="where the model and data go (outside the repo)")
     sv.add_argument("--num-items", type=int, default=646_000)

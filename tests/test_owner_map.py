@@ -69,3 +69,35 @@ def test_state_dict_round_trip_and_immutability():
     assert restored == pruned and restored.max_task == 1
     with pytest.raises(TypeError, match="uint8"):
         OwnerMap({"w": torch.zeros(3)})
+
+
+def _prune_by_sort(weight, owner, task, ratio):
+    """The definition: a stable sort of -|w| over the free entries, the first n_keep kept."""
+    flat = owner.reshape(-1)
+    free = torch.nonzero(flat == 0).reshape(-1)
+    n_keep = int(round((1.0 - ratio) * free.numel()))
+    order = torch.sort(-weight.reshape(-1)[free].abs().double(), stable=True).indices
+    out = flat.clone()
+    out[free[order[:n_keep]]] = task
+    return out.reshape(owner.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prune_by_selection_matches_the_stable_sort_definition(dtype):
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(20):
+        shape = (int(torch.randint(2, 40, (1,), generator=gen)), 7)
+        # Few distinct magnitudes, both signs: ties everywhere, also across the threshold.
+        weight = (torch.randint(-4, 5, shape, generator=gen).float() / 2).to(dtype)
+        owner = torch.zeros(shape, dtype=torch.uint8)
+        owner[torch.rand(shape, generator=gen) < 0.3] = 1
+        ratio = float(torch.rand(1, generator=gen) * 0.8 + 0.1)
+        if round((1 - ratio) * int((owner == 0).sum())) == 0:
+            continue
+        assert torch.equal(prune_free_weights(weight, owner, 2, ratio), _prune_by_sort(weight, owner, 2, ratio)), trial
+
+
+def test_prune_refuses_non_finite_weights():
+    w = torch.tensor([1.0, float("nan"), 0.5, 2.0])
+    with pytest.raises(ValueError, match="non-finite weights"):
+        prune_free_weights(w, torch.zeros(4, dtype=torch.uint8), task=1, ratio=0.5)

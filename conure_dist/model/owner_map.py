@@ -94,11 +94,21 @@ def prune_free_weights(
             f"pruning {free_idx.numel()} free weights with ratio {ratio} would leave task {task} "
             "no weight at all: lower the ratio or add capacity"
         )
-    magnitude = weight.detach().reshape(-1)[free_idx].abs().to(torch.float64)
-    # A stable sort of -|w| keeps the lower flat index first among equal magnitudes.
-    order = torch.sort(-magnitude, stable=True).indices
+    # |w| in the weight's own precision (exact); bf16/fp16 widened to fp32 (also exact).
+    magnitude = weight.detach().reshape(-1)[free_idx].abs()
+    if magnitude.dtype not in (torch.float32, torch.float64):
+        magnitude = magnitude.float()
+    if not bool(torch.isfinite(magnitude.max())):  # max propagates NaN; one pass, unlike isfinite()
+        raise ValueError(f"task {task}: non-finite weights cannot be pruned by magnitude")
+    # The n_keep largest by selection, not a sort: every entry above the n_keep-th largest
+    # magnitude, then the entries equal to it with the lowest flat indices (nonzero() lists
+    # them in ascending order), the same set a stable sort of -|w| would pick.
+    threshold = torch.kthvalue(magnitude, free_idx.numel() - n_keep + 1).values
+    keep = magnitude > threshold
+    ties = torch.nonzero(magnitude == threshold, as_tuple=False).reshape(-1)
+    keep[ties[: n_keep - int(keep.sum())]] = True
     new_owner = flat_owner.clone()
-    new_owner[free_idx[order[:n_keep]]] = task
+    new_owner[free_idx[keep]] = task
     return new_owner.reshape(owner.shape)
 
 
