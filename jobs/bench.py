@@ -31,6 +31,13 @@ one user (p50 / p99); users/s of batch prediction in process and of `conure-dist
 
     python jobs/bench.py serve --users 2048
 
+``t1-step``: one T1 training step at 646K items (f = 256, 16 conv layers, batch 32 x 100,
+torch Adam): sampled softmax at 20 % and 5 % with distinct draws and torch's fused Adam,
+against distinct draws with the foreach Adam and against every draw a column with the
+foreach Adam (before); and the exact softmax against sampled on a batch small enough for it.
+
+    python jobs/bench.py t1-step
+
 ``prune``: the coordinator's owner-map prune of the TTL model (T1 at ratio 0.7, then T2 at
 0.8), conv layers alone and with the 646K x 256 item embedding, against a float64 stable sort.
 
@@ -540,6 +547,99 @@ def run_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replacement_softmax_loss(model, batch, generator, task, sampler, num_sampled):
+    """The T1 loss before deduplication (the baseline): every draw a column of the logits."""
+    import torch
+    import torch.nn.functional as F
+
+    from conure_dist.train.losses import next_item_pairs
+
+    h, targets = next_item_pairs(model, batch["seq"])
+    scorer = model.heads[task]
+    sampled = sampler.sample(num_sampled, generator)
+    true_logit = scorer.score(h, targets).float() - sampler.log_expected_count(targets, num_sampled)
+    logits = scorer.score_shared(h, sampled).float() - sampler.log_expected_count(sampled, num_sampled)[None, :]
+    logits = logits.masked_fill(sampled[None, :] == targets[:, None], float("-inf"))
+    logits = torch.cat([true_logit[:, None], logits], dim=1)
+    return F.cross_entropy(logits, torch.zeros_like(targets))
+
+
+def run_t1_step(args: argparse.Namespace) -> int:
+    """One T1 training step at the paper's scale (646K items, f = 256, 16 conv layers, batch
+    32 x 100): the project's model and loss with a torch Adam, sampled softmax at each ratio
+    (deduplicated draws, and every draw a column as before), and the exact softmax on a batch
+    small enough for it."""
+    import resource
+    import statistics
+
+    import numpy as np
+    import torch
+
+    from conure_dist.config import ModelConfig, TaskSpec, TrainConfig
+    from conure_dist.model import ConureModel, Stage
+    from conure_dist.train.loop import TorchStepper
+    from conure_dist.train.losses import make_loss
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_items=args.num_items, embed_dim=args.embed_dim, dilations=(1, 2, 4, 8) * args.repeat_dilations)
+    model = ConureModel(cfg, [TaskSpec("t1", "sequence")])
+    model.set_view(None, "t1", Stage.TRAIN)
+    rng = np.random.default_rng(0)
+    ranks = np.arange(1, args.num_items + 1)
+    zipf = 1.0 / ranks
+    zipf /= zipf.sum()
+    popularity = np.concatenate([[0], rng.multinomial(50 * args.num_items, zipf)])
+
+    def batch(rows: int):
+        seq = rng.choice(args.num_items, size=(rows, args.seq_len), p=zipf) + 1
+        return {"seq": torch.from_numpy(seq.astype(np.int64))}
+
+    results = {}
+
+    def measure(label: str, loss_fn, rows: int, fused: bool = True) -> None:
+        stepper = TorchStepper(model.trainable_parameters(), TrainConfig(lr=1e-3), fused=fused)
+        gen = torch.Generator().manual_seed(0)
+        data = batch(rows)
+        times = []
+        for i in range(args.warmup + args.repeats):
+            t = time.perf_counter()
+            stepper.step(loss_fn(model, data, gen))
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t)
+        med = statistics.median(times)
+        results[label] = med
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(f"{label}: {med:.2f} s per step (median of {args.repeats}); process peak so far {peak:.1f} GiB")
+        del stepper
+
+    for ratio in args.ratios:
+        train = TrainConfig(sample_ratio=ratio)
+        loss = make_loss(TaskSpec("t1", "sequence"), train, args.num_items, popularity)
+        measure(f"sampled {ratio:.0%}, batch {args.batch_size}: distinct draws, fused Adam (now)", loss, args.batch_size)
+        if args.baseline:
+            measure(f"sampled {ratio:.0%}, batch {args.batch_size}: distinct draws, foreach Adam", loss, args.batch_size,
+                    fused=False)
+            measure(f"sampled {ratio:.0%}, batch {args.batch_size}: every draw, foreach Adam (before)",
+                    lambda m, b, g: _replacement_softmax_loss(m, b, g, "t1", loss.sampler, loss.num_sampled),
+                    args.batch_size, fused=False)
+        sample = loss.sampler.sample(loss.num_sampled, torch.Generator().manual_seed(0))
+        print(f"  {loss.num_sampled} draws hold {torch.unique(sample).numel()} distinct items")
+    if args.full_batch:
+        full = make_loss(TaskSpec("t1", "sequence"), TrainConfig(sample_ratio=1.0), args.num_items, popularity)
+        measure(f"exact softmax, batch {args.full_batch}", full, args.full_batch)
+        for ratio in args.ratios:
+            loss = make_loss(TaskSpec("t1", "sequence"), TrainConfig(sample_ratio=ratio), args.num_items, popularity)
+            measure(f"sampled {ratio:.0%}, batch {args.full_batch}", loss, args.full_batch)
+    print(f"config: items={args.num_items} f={args.embed_dim} conv layers={4 * args.repeat_dilations} "
+          f"seq={args.seq_len} threads={torch.get_num_threads()} torch={torch.__version__}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -595,6 +695,20 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     it.add_argument("--warmup", type=int, default=2)
     it.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     it.set_defaults(func=run_item_step)
+    t1 = sub.add_parser("t1-step", help="T1 step at 646K items: sampled softmax (dedup vs every draw) and exact")
+    t1.add_argument("--num-items", type=int, default=646_000)
+    t1.add_argument("--embed-dim", type=int, default=256)
+    t1.add_argument("--repeat-dilations", type=int, default=4)
+    t1.add_argument("--seq-len", type=int, default=100)
+    t1.add_argument("--batch-size", type=int, default=32)
+    t1.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.05])
+    t1.add_argument("--full-batch", type=int, default=2, help="batch of the exact-softmax comparison (0: skip)")
+    t1.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the every-draw baseline")
+    t1.add_argument("--repeats", type=int, default=3)
+    t1.add_argument("--warmup", type=int, default=1)
+    t1.add_argument("--threads", type=int, default=0)
+    t1.add_argument("--json", default=None)
+    t1.set_defaults(func=run_t1_step)
     pr = sub.add_parser("prune", help="owner-map prune of the TTL model: selection vs a stable sort")
     pr.add_argument("--embed-dim", type=int, default=256)
     pr.add_argument("--repeat-dilations", type=int, default=4)

@@ -139,3 +139,30 @@ def test_sequence_task_samples_log_uniformly_by_default():
     assert uniform[1:].tolist() == pytest.approx([1 / 40] * 40)
     with pytest.raises(ValueError, match="popularity"):
         make_loss(TASKS[0], TrainConfig(), 40, None)
+
+
+def test_distinct_draws_give_the_softmax_of_every_draw():
+    """Scoring each distinct draw once with + log(count) is the loss (and gradient) of one column
+    per draw: checked against the per-draw form on the same draws."""
+    import numpy as np
+
+    from conure_dist.config import ModelConfig, TaskSpec, TrainConfig
+    from conure_dist.model import ConureModel, Stage
+    from conure_dist.train.losses import make_loss, next_item_pairs
+
+    torch.manual_seed(0)
+    model = ConureModel(ModelConfig(num_items=60, embed_dim=8, dilations=(1, 2)), [TaskSpec("t1", "sequence")])
+    model.set_view(None, "t1", Stage.TRAIN)
+    popularity = np.concatenate([[0], np.arange(60, 0, -1)])
+    loss = make_loss(TaskSpec("t1", "sequence"), TrainConfig(sample_ratio=0.5), 60, popularity)
+    batch = {"seq": torch.randint(1, 61, (6, 9))}
+    now = loss(model, batch, torch.Generator().manual_seed(1))
+    grad_now = torch.autograd.grad(now, model.heads["t1"].weight)[0]
+    draws = loss.sampler.sample(loss.num_sampled, torch.Generator().manual_seed(1))
+    assert torch.unique(draws).numel() < draws.numel()  # the case that matters: repeated draws
+    h, targets = next_item_pairs(model, batch["seq"])
+    every = sampled_softmax_loss(h, targets, model.heads["t1"], draws, loss.sampler.log_expected_count(draws, 30),
+                                 loss.sampler.log_expected_count(targets, 30))
+    grad_every = torch.autograd.grad(every, model.heads["t1"].weight)[0]
+    assert now.item() == pytest.approx(every.item(), rel=1e-5)
+    torch.testing.assert_close(grad_now, grad_every, rtol=1e-4, atol=1e-6)

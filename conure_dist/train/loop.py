@@ -36,13 +36,14 @@ class Stepper(Protocol):
 
 
 class TorchStepper:
-    """A fresh torch Adam/AdamW over the parameters the current view trains."""
+    """A fresh torch Adam/AdamW over the parameters the current view trains (torch's fused
+    implementation, as the DeepSpeed engine's config asks for)."""
 
-    def __init__(self, params: list[torch.nn.Parameter], cfg: TrainConfig):
+    def __init__(self, params: list[torch.nn.Parameter], cfg: TrainConfig, *, fused: bool = True):
         if not params:
             raise ValueError("nothing to train: the current view has no trainable parameter")
         opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-        self.optimizer = opt(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = opt(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
     def step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -45,13 +45,13 @@ def sampled_softmax_loss(
     """Softmax cross-entropy of each target against negatives shared by the batch.
 
     Logits are corrected by ``-log Q`` (expected count of each id in the sample) and a
-    sampled id equal to the row's own target is removed (an accidental hit).
+    sampled id equal to the row's own target is removed (an accidental hit). The loss is
+    ``logsumexp([true, sampled]) - true``, without concatenating the logits.
     """
     true_logit = scorer.score(h, targets).float() - log_q_targets
     logits = scorer.score_shared(h, sampled).float() - log_q_sampled[None, :]
     logits = logits.masked_fill(sampled[None, :] == targets[:, None], float("-inf"))
-    logits = torch.cat([true_logit[:, None], logits], dim=1)
-    return F.cross_entropy(logits, torch.zeros_like(targets))
+    return (torch.logaddexp(true_logit, torch.logsumexp(logits, dim=1)) - true_logit).mean()
 
 
 def full_softmax_loss(h: torch.Tensor, targets: torch.Tensor, scorer: ItemScorer) -> torch.Tensor:
@@ -71,7 +71,12 @@ def next_item_pairs(model: ConureModel, seq: torch.Tensor) -> tuple[torch.Tensor
 
 @dataclass
 class SequenceLoss:
-    """T1: next-item prediction with sampled softmax (``sampler=None``: the exact softmax)."""
+    """T1: next-item prediction with sampled softmax (``sampler=None``: the exact softmax).
+
+    The ``num_sampled`` draws (with replacement) are scored as distinct ids, an id drawn ``c``
+    times taking ``+ log c`` on its logit: the same softmax as one column per draw
+    (``exp(l + log c) = c exp(l)``), with a third to a half of the columns at 646K items and a
+    20 % sample (BENCHMARKS.md)."""
 
     task: str
     sampler: NegativeSampler | None
@@ -84,12 +89,11 @@ class SequenceLoss:
             return h.sum() * 0.0
         if self.sampler is None:
             return full_softmax_loss(h, targets, scorer)
-        sampled = self.sampler.sample(self.num_sampled, generator).to(targets.device)
-        return sampled_softmax_loss(
-            h, targets, scorer, sampled,
-            self.sampler.log_expected_count(sampled, self.num_sampled),
-            self.sampler.log_expected_count(targets, self.num_sampled),
-        )
+        draws = self.sampler.sample(self.num_sampled, generator).to(targets.device)
+        sampled, counts = torch.unique(draws, return_counts=True)  # a Zipfian sample repeats popular items
+        log_q = self.sampler.log_expected_count(sampled, self.num_sampled) - torch.log(counts.float())
+        return sampled_softmax_loss(h, targets, scorer, sampled, log_q,
+                                    self.sampler.log_expected_count(targets, self.num_sampled))
 
 
 @dataclass
