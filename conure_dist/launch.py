@@ -74,8 +74,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, preset: str) -> None:
     run.add_argument("--gpu-memory", metavar="SIZE|CARD",
                      help="with --dry-run: check the plan against a GPU, e.g. 80GiB, 24GB or a card name (h100, a10g, ...)")
     run.add_argument("--in-process", action="store_true",
-                     help="run every stage in this process with a torch optimizer, without Ray or DeepSpeed (debugging, "
-                          "small runs); with --run-dir it writes the same run directory, without, it only prints the results")
+                     help="run every stage in this process with a torch optimizer in fp32, without Ray or DeepSpeed (debugging, "
+                          "small runs); with --run-dir it writes a run directory (manifest, state, reports; no Ray "
+                          "checkpoints or TensorBoard files: an interrupted stage starts over), without, it only "
+                          "prints the results")
     run.add_argument("--log-level", choices=["info", "debug"], default="info",
                      help="info: one line per stage event and epoch; debug: also every Ray worker's output (default info)")
     comp = parser.add_argument_group("comparison (the paper's section 5: every method, ablations, a report)")

@@ -276,6 +276,8 @@ def test_batch_scoring_with_ray_data_locally_and_on_object_storage(exported, run
     model = serve.load(model_dir)
     seqs = [["1", "2", "3"], [], ["zz"], [str(i) for i in range(1, 80)], ["5", "zz", "6"]] * 40
     pq.write_table(pa.table({"user": list(range(len(seqs))), "seq": seqs}), tmp_path / "users.parquet")
+    pq.write_table(pa.table({"user": pa.array([], pa.int64()), "seq": pa.array([], pa.list_(pa.string()))}),
+                   tmp_path / "empty.parquet")
     bucket = s3_server()
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp"),
            "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "120"}
@@ -290,6 +292,8 @@ assert main(["score", "--model", {model_dir!r}, "--task", "click", "--input", {s
              "--output", {str(tmp_path / 'out')!r}, "--batch-size", "64", "--k", "4"]) == 0
 assert main(["score", "--model", {model_dir!r}, "--task", "click", "--input", {str(tmp_path / 'users.parquet')!r},
              "--output", {str(tmp_path / 'out')!r}]) == 2
+assert main(["score", "--model", {model_dir!r}, "--task", "click", "--input", {str(tmp_path / 'empty.parquet')!r},
+             "--output", {str(tmp_path / 'out')!r}, "--overwrite"]) == 2
 assert main(["score", "--model", "s3://{bucket}/model", "--task", "age", "--input", "s3://{bucket}/in",
              "--output", "s3://{bucket}/out", "--embed", "--workers", "2", "--cpus-per-worker", "0.5"]) == 0
 """
@@ -298,6 +302,7 @@ assert main(["score", "--model", "s3://{bucket}/model", "--task", "age", "--inpu
     assert "1000 rows" not in done.stdout and "120 of 200 rows scored" in done.stdout
     assert "80 skipped (40 empty sequence; 40 no known item)" in done.stdout
     assert "not empty" in done.stderr  # the second run without --overwrite
+    assert "no rows to score" in done.stderr  # an empty input leaves the output as it was (checked below)
     out = pq.read_table(tmp_path / "out").sort_by("user").to_pylist()
     assert len(out) == 200 and all(set(r) == {"user", "items", "scores", "status", "unknown_items", "truncated_items"}
                                    for r in out)
@@ -334,3 +339,19 @@ def test_a_run_made_in_process_is_resumed_only_in_process(runs):
         open_run(exp, runs["conure"], engine="ray")
     # The same command again finds every step done.
     assert ttl_main([*SMALL, "--method", "conure", "--run-dir", runs["conure"]]) == 0
+
+
+def test_encoding_ids_and_model_files_without_a_task_list(exported, tmp_path):
+    import shutil
+
+    _, model_dir = exported["conure"]
+    model = serve.load(model_dir)
+    enc = model.encode([[3, "7", "x", -2, 10**9]], 5, ids=True)  # as a prepared dataset's rows, with junk
+    assert enc.ids.tolist() == [[0, 0, 0, 3, 7]] and enc.unknown == [["x", "-2", str(10**9)]]
+    copy = tmp_path / "m"
+    shutil.copytree(model_dir, copy)
+    doc = json.loads((copy / MODEL_FILE).read_text())
+    del doc["files"]
+    (copy / MODEL_FILE).write_text(json.dumps(doc))
+    with pytest.raises(ModelFileError, match="lists no files or no tasks"):
+        serve.load(str(copy))

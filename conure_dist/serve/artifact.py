@@ -289,6 +289,8 @@ def read_model_dir(model_dir: str) -> tuple[dict, dict[str, bytes]]:
         raise ModelFileError(f"{where}: model format version {version} was written by a newer conure_dist "
                              f"({doc.get('conure_dist_version')}); this is {__version__}, which reads up to "
                              f"version {MODEL_FORMAT_VERSION}: upgrade conure_dist")
+    if not isinstance(doc.get("files"), dict) or not isinstance(doc.get("tasks"), list) or not doc["tasks"]:
+        raise ModelFileError(f"{where}: lists no files or no tasks; export the model again")
     files = {}
     for rel, meta in doc["files"].items():
         path = storage.join(model_dir, rel)

@@ -130,8 +130,13 @@ class ServedModel:
         for row, seq in enumerate(sequences):
             tokens = [str(t) for t in (seq if seq is not None else [])]
             if ids:
-                known = [int(t) for t in tokens if 0 < int(t) <= self.network.config.num_items]
-                unknown = [t for t in tokens if not 0 < int(t) <= self.network.config.num_items]
+                known, unknown = [], []
+                for tok in tokens:  # a token that is no id of the vocabulary is unknown, never a crash
+                    item = int(tok) if tok.lstrip("-").isdigit() else 0
+                    if 0 < item <= self.network.config.num_items:
+                        known.append(item)
+                    else:
+                        unknown.append(tok)
             else:
                 known, unknown = [], []
                 for tok in tokens:
@@ -229,7 +234,9 @@ class ServedModel:
         """For each sequence: T1 and item tasks, the top ``k`` items (``items``, ``scores``);
         class tasks, the ``k`` likeliest labels (``labels``, ``probabilities``). Padding and the
         OOV item are never recommended; ``exclude_seen`` also leaves out items already in the
-        sequence."""
+        sequence (T1; for an item task, the labels whose token is the token of an item in the
+        sequence, which is meaningful where the labels are items of T1's vocabulary, as in
+        MovieLens)."""
         self._check(task)
         return self.predict_encoded(task, self._encode_or_raise(sequences, self.window(task)), k, exclude_seen)
 

@@ -155,6 +155,8 @@ def score(model_dir: str, task: str, input_path: str, output: str, *, k: int = 5
     try:
         out_fs, staging_inner = storage.filesystem(staging)
         ds.write_parquet(staging_inner, filesystem=out_fs)
+        if not (storage.exists(staging) and storage.list_files(staging)):  # Ray writes no file for no rows
+            raise ModelFileError(f"--input {input_path}: no rows to score; {output} was left as it was")
         for rel in existing:  # --overwrite: the old output goes only once the new one is complete
             storage.delete_tree(storage.join(output, rel))
         _move_up(staging, output)
