@@ -183,16 +183,14 @@ def export_model(run_dir: str, out: str, *, as_of: str | None = None, data: str 
     """Write the model of ``run_dir`` as of the commit of ``as_of`` (default: the last commit)
     to ``out``; returns the written ``model.json``. ``data``: the prepared dataset, where the
     run's own path no longer reaches it."""
-    from dataclasses import replace
-
     from conure_dist.config import ExperimentConfig
     from conure_dist.eval.evaluate import main_metric
     from conure_dist.train.plan import get_method
+    from conure_dist.train.runner import method_model_config
 
     commit = RunCommit.open(run_dir, as_of)
     out = storage.resolve(out)
-    if storage.exists(storage.join(out, MODEL_FILE)) and not overwrite:
-        raise ModelFileError(f"{out}: already holds a model; pass --overwrite to replace it, or choose another --out")
+    _refuse_existing(out, overwrite)  # before reading the run's weights
     exp = ExperimentConfig.from_dict(commit.manifest["config"])
     method = get_method(exp.method)
     info = _dataset(commit, data)
@@ -205,7 +203,7 @@ def export_model(run_dir: str, out: str, *, as_of: str | None = None, data: str 
                       "eval_batch_size": plan.train.batch_size, "test_at_commit": metrics.get(task, {})})
     per_task = method.backbones == "per_task"
     return write_model(
-        out, model=exp.model if method.backbone is None else replace(exp.model, backbone=method.backbone),
+        out, model=method_model_config(exp.model, method),
         method=exp.method, tasks=tasks, seq_len=exp.seq_len,
         items=info.item_tokens(), labels={t: info.label_tokens(t) for t in commit.tasks if exp.task(t).spec.kind != "sequence"},
         num_items=info.num_items, oov_item_id=info.oov_item_id,
@@ -230,8 +228,7 @@ def write_model(out: str, *, model, method: str, tasks: list[dict], seq_len: int
     from conure_dist.train.plan import get_method
 
     out = storage.resolve(out)
-    if storage.exists(storage.join(out, MODEL_FILE)) and not overwrite:
-        raise ModelFileError(f"{out}: already holds a model; pass --overwrite to replace it, or choose another --out")
+    _refuse_existing(out, overwrite)
     names = [t["name"] for t in tasks]
     files: dict[str, bytes] = {}
     if sets is not None:
@@ -256,6 +253,11 @@ def write_model(out: str, *, model, method: str, tasks: list[dict], seq_len: int
     }
     _publish(out, files, doc, overwrite)
     return doc
+
+
+def _refuse_existing(out: str, overwrite: bool) -> None:
+    if storage.exists(storage.join(out, MODEL_FILE)) and not overwrite:
+        raise ModelFileError(f"{out}: already holds a model; pass --overwrite to replace it, or choose another --out")
 
 
 def _publish(out: str, files: Mapping[str, bytes], doc: dict, overwrite: bool) -> None:

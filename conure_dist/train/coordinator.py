@@ -48,9 +48,6 @@ def _settings(exp: ExperimentConfig) -> dict[str, Any]:
     return result_settings(exp, dataset_digest(load_dataset_info(exp.dataset).to_json()))
 
 
-ENGINES = ("ray", "in-process")
-
-
 def open_run(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False, add_task: bool = False,
              engine: str = "ray") -> Run:
     """Create the run directory, or reopen it to resume; refuse one made with other settings
@@ -174,7 +171,8 @@ def run_experiment(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False
     """Run (or resume) every pending step of the plan; returns the finished run. ``config_yaml``
     (the resolved run config) is written to RUN_DIR/config.yaml once the run is opened.
     ``in_process``: train with a torch optimizer in this process instead of Ray Train workers
-    (debugging, small runs); the run directory is the same."""
+    (debugging, small runs): the same manifest, state and reports, without Ray checkpoints or
+    TensorBoard files."""
     from conure_dist.logs import EventChannel, RunClock
 
     if not in_process:
@@ -219,11 +217,12 @@ def _run_locked(run: Run, clock, channel, fail_once_at_step: dict | None, in_pro
     from conure_dist.logs import sync_driver_log
 
     exp = run.exp
-    dataset = load_dataset_info(exp.dataset)
     if in_process:
+        dataset = load_dataset_info(exp.dataset)
         executor = _in_process_executor(exp, dataset)
     else:
         executor = RayExecutor(exp, run.rundir, run.manifest, fail_once_at_step=fail_once_at_step, events=channel.queue)
+        dataset = executor.info
     method = get_method(exp.method)
     machine = StageMachine(method, exp.tasks, executor,
                            init=lambda number: fresh_weights(exp.model, [t.spec for t in exp.tasks], method, exp.seed, number))

@@ -189,12 +189,18 @@ class InProcessRun:
     executor: InProcessExecutor
 
 
+def method_model_config(model_config: ModelConfig, method: Method) -> ModelConfig:
+    """The model config as ``method`` builds it: with the method's own backbone, if it has one."""
+    if method.backbone is not None and model_config.backbone != method.backbone:
+        return replace(model_config, backbone=method.backbone)
+    return model_config
+
+
 def build_model(model_config: ModelConfig, tasks: Sequence[TaskSpec], method: Method, seed: int) -> ConureModel:
     """The network of ``method`` (its own backbone, PeterRec's patches), initialised from ``seed``."""
-    if method.backbone is not None and model_config.backbone != method.backbone:
-        model_config = replace(model_config, backbone=method.backbone)
     torch.manual_seed(seed)
-    return ConureModel(model_config, tasks, patched=[t.name for t in tasks[1:]] if method.patched else ())
+    return ConureModel(method_model_config(model_config, method), tasks,
+                       patched=[t.name for t in tasks[1:]] if method.patched else ())
 
 
 def fresh_weights(model_config: ModelConfig, tasks: Sequence[TaskSpec], method: Method, seed: int, number: int) -> Weights:
