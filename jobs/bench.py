@@ -136,20 +136,29 @@ def bench_ray(info, task: str, files: list[str], workers: int, batch_size: int, 
     return out
 
 
-def run_pipeline(args: argparse.Namespace) -> int:
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+def _dataset(path: str, preset: str | None):
+    """The prepared dataset at ``path``, generated from the synthetic ``preset`` if missing."""
     from conure_dist.data.format import load_dataset_info
     from conure_dist.data.synthetic import prepare_synthetic
 
-    if not os.path.exists(os.path.join(args.data, "dataset.json")):
-        print(f"generating preset {args.preset} into {args.data} ...", flush=True)
+    if not os.path.exists(os.path.join(path, "dataset.json")):
+        if not preset:
+            raise SystemExit(f"error: --data {path}: no prepared dataset there (give --preset to generate one)")
+        print(f"generating preset {preset} into {path} ...", flush=True)
         start = time.perf_counter()
-        prepare_synthetic(args.preset, args.data, seed=0)
+        prepare_synthetic(preset, path, seed=0)
         print(f"  generated in {time.perf_counter() - start:.0f} s", flush=True)
-    info = load_dataset_info(args.data)
+    return load_dataset_info(path)
+
+
+def run_pipeline(args: argparse.Namespace) -> dict:
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    info = _dataset(args.data, args.preset)
     files = _files(info, args.task)
+    if args.max_files:
+        files = files[:args.max_files]
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     print(f"{rows} rows of task {args.task!r} in {len(files)} files, batch {args.batch_size}, "
           f"seq_len {args.seq_len}, {args.epochs} epochs", flush=True)
@@ -174,13 +183,11 @@ def run_pipeline(args: argparse.Namespace) -> int:
     for m in results:
         print(f"| {m.reader} | {m.workers} | {m.epoch + 1} | {m.rows} | {m.seconds:.1f} | "
               f"{m.rows_per_s:,.0f} | {m.rows_per_s / base:.2f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([asdict(m) | {"rows_per_s": m.rows_per_s} for m in results], f, indent=1)
-    return 0
+    return {"measurements": [asdict(m) | {"rows_per_s": m.rows_per_s} for m in results],
+            "pyarrow_best_rows_per_s": base}
 
 
-def run_masks(args: argparse.Namespace) -> int:
+def run_masks(args: argparse.Namespace) -> dict:
     """Median time of forward (no grad) and forward+backward, unmasked vs masked."""
     import statistics
 
@@ -237,10 +244,10 @@ def run_masks(args: argparse.Namespace) -> int:
     depth = f"conv layers={4 * args.repeat_dilations}" if args.backbone == "nextitnet" else f"blocks={cfg.transformer_blocks}"
     print(f"config: {args.backbone} f={args.embed_dim} {depth} batch={args.batch_size} "
           f"seq={args.seq_len} device={device} threads={torch.get_num_threads()} repeats={args.repeats} (median)")
-    return 0
+    return {"seconds": results}
 
 
-def run_guard(args: argparse.Namespace) -> int:
+def run_guard(args: argparse.Namespace) -> dict:
     import statistics
 
     import torch
@@ -294,10 +301,11 @@ def run_guard(args: argparse.Namespace) -> int:
     for name, guard in guards.items():
         print(f"| {name} | {1e3 * statistics.median(times[name]):.2f} | {1e3 * min(times[name]):.2f} | "
               f"{guard.snapshot_bytes / 2**20:,.1f} | {caught[name]} |")
-    return 0
+    return {name: {"median_ms": 1e3 * statistics.median(times[name]), "memory_mib": guard.snapshot_bytes / 2**20,
+                   "caught": caught[name]} for name, guard in guards.items()}
 
 
-def run_batch_mix(args: argparse.Namespace) -> int:
+def run_batch_mix(args: argparse.Namespace) -> dict:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -307,10 +315,9 @@ def run_batch_mix(args: argparse.Namespace) -> int:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from conure_dist.data.format import load_dataset_info
     from conure_dist.data.pipeline import ExactlyOnceDataConfig, epoch_batches, split_dataset
 
-    info = load_dataset_info(args.data)
+    info = _dataset(args.data, args.preset)
     results = tempfile.mkdtemp(prefix="bench-")
     readings = [("stored order", 0, 0), *((f"shuffled, epoch {e + 1}", args.shuffle_rows, e) for e in range(args.epochs))]
 
@@ -340,13 +347,16 @@ def run_batch_mix(args: argparse.Namespace) -> int:
           f"{info.task(args.task).num_users} users, batch {args.batch_size}, shuffle buffer {args.shuffle_rows} rows")
     print("| reading | batches | distinct users per batch: mean | min | median |")
     print("|---|---|---|---|---|")
+    out = {}
     for name, counts in mix.items():
         full = counts[:-1] or counts  # the last batch may be short
+        out[name] = {"batches": len(counts), "mean": float(np.mean(full)), "min": min(full),
+                     "median": float(np.median(full))}
         print(f"| {name} | {len(counts)} | {np.mean(full):.1f} | {min(full)} | {np.median(full):.0f} |")
-    return 0
+    return out
 
 
-def run_item_step(args: argparse.Namespace) -> int:
+def run_item_step(args: argparse.Namespace) -> dict:
     """One item-task training step (BPR forward + backward) over a batch whose rows repeat users:
     the backbone over every row vs once per distinct sequence (what ``user_representation`` does)."""
     import statistics
@@ -390,7 +400,7 @@ def run_item_step(args: argparse.Namespace) -> int:
           f"ratio {med['distinct sequences'] / med['every row']:.3f}")
     print(f"config: nextitnet f={args.embed_dim} conv layers={4 * args.repeat_dilations} seq={args.seq_len} "
           f"threads={torch.get_num_threads()} repeats={args.repeats} (median)")
-    return 0
+    return {"seconds": med, "distinct_users": distinct}
 
 
 TTL_TASKS = (("pretrain", "sequence", 0, 0.7), ("click", "item", 18_000, 0.8), ("like", "item", 8_000, 0.9),
@@ -436,7 +446,7 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def run_serve(args: argparse.Namespace) -> dict:
     """Size, one-user latency and batch throughput of an exported TTL-shaped model."""
     import numpy as np
     import pyarrow as pa
@@ -504,13 +514,10 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"config: items={args.num_items} f={args.embed_dim} conv layers={4 * args.repeat_dilations} "
           f"seq={args.seq_len} threads={torch.get_num_threads()} repeats={args.repeats} "
           f"python={platform.python_version()} torch={torch.__version__}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    return 0
+    return results
 
 
-def run_prune(args: argparse.Namespace) -> int:
+def run_prune(args: argparse.Namespace) -> dict:
     """The coordinator's prune (owner map update) on the TTL model: the conv layers alone, and
     with the item embedding too (Table 5), against a stable sort of -|w| in float64 (the
     definition the selection must match, and the implementation before it)."""
@@ -533,6 +540,7 @@ def run_prune(args: argparse.Namespace) -> int:
     cases = {"conv layers": convs}
     if args.num_items:
         cases["conv layers + item embedding"] = {**convs, "backbone.embedding.weight": torch.randn(args.num_items + 1, args.embed_dim)}
+    out = {}
     for label, weights in cases.items():
         n = sum(w.numel() for w in weights.values())
         for name, fn in (("selection", prune_free_weights), ("stable sort (before)", by_sort)):
@@ -542,9 +550,10 @@ def run_prune(args: argparse.Namespace) -> int:
                 t = time.perf_counter()
                 owners = OwnerMap({k: fn(weights[k], owners.owner(k), task, ratio) for k in owners.names})
                 times.append(time.perf_counter() - t)
+            out[f"{label}, {name}"] = {"weights": n, "t1_prune_s": times[0], "t2_prune_s": times[1]}
             print(f"{label} ({n / 1e6:.1f}M weights), {name}: T1 prune {times[0]:.2f} s, T2 prune {times[1]:.2f} s")
     print(f"threads={torch.get_num_threads()}")
-    return 0
+    return out
 
 
 def _replacement_softmax_loss(model, batch, generator, task, sampler, num_sampled):
@@ -564,7 +573,7 @@ def _replacement_softmax_loss(model, batch, generator, task, sampler, num_sample
     return F.cross_entropy(logits, torch.zeros_like(targets))
 
 
-def run_t1_step(args: argparse.Namespace) -> int:
+def run_t1_step(args: argparse.Namespace) -> dict:
     """One T1 training step at the paper's scale (646K items, f = 256, 16 conv layers, batch
     32 x 100): the project's model and loss with a torch Adam, sampled softmax at each ratio
     (deduplicated draws, and every draw a column as before), and the exact softmax on a batch
@@ -634,15 +643,144 @@ def run_t1_step(args: argparse.Namespace) -> int:
             measure(f"sampled {ratio:.0%}, batch {args.full_batch}", loss, args.full_batch)
     print(f"config: items={args.num_items} f={args.embed_dim} conv layers={4 * args.repeat_dilations} "
           f"seq={args.seq_len} threads={torch.get_num_threads()} torch={torch.__version__}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    return 0
+    return {"seconds_per_step": results}
+
+
+def _reference_nextitnet(num_items: int, dim: int, kernel: int, dilations: tuple[int, ...]):
+    """A plain PyTorch NextItNet written the common way (the goal's reference): ``nn.Conv2d``
+    over a ``[B, C, 1, L]`` view with ``ZeroPad2d`` left padding, permuting around every layer."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, d1: int, d2: int):
+            super().__init__()
+            self.pad1, self.pad2 = nn.ZeroPad2d(((kernel - 1) * d1, 0, 0, 0)), nn.ZeroPad2d(((kernel - 1) * d2, 0, 0, 0))
+            self.conv1 = nn.Conv2d(dim, dim, (1, kernel), dilation=(1, d1))
+            self.conv2 = nn.Conv2d(dim, dim, (1, kernel), dilation=(1, d2))
+            self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+        @staticmethod
+        def conv(x, pad, conv):
+            return conv(pad(x.permute(0, 2, 1).unsqueeze(2))).squeeze(2).permute(0, 2, 1)
+
+        def forward(self, x):
+            h = F.relu(self.conv(self.ln1(x), self.pad1, self.conv1))
+            return x + F.relu(self.conv(self.ln2(h), self.pad2, self.conv2))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)
+            self.blocks = nn.ModuleList(Block(a, b) for a, b in zip(dilations[0::2], dilations[1::2]))
+
+        def forward(self, seq):
+            x = self.embedding(seq)
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    return Net()
+
+
+def _conv1d_forward(self, x):
+    """CausalConv1d's former forward (the "before" of the layout change): ``conv1d`` with a
+    transpose on both sides."""
+    import torch.nn.functional as F
+
+    x = F.pad(x.transpose(1, 2), ((self.kernel_size - 1) * self.dilation, 0))
+    return F.conv1d(x, self.effective_weight(), self.bias, dilation=self.dilation).transpose(1, 2)
+
+
+def run_backbone(args: argparse.Namespace) -> dict:
+    """Forward + backward of the project's NextItNet (masks on: a T2 train view) against the
+    plain Conv2d reference, fp32 and bf16 autocast, interleaved; also the former conv1d layout
+    and, with ``--compile``, torch.compile of the project's backbone."""
+    import contextlib
+    import statistics
+
+    import torch
+
+    from conure_dist.config import ModelConfig, TaskSpec
+    from conure_dist.model import ConureModel, Stage
+    from conure_dist.model.masked import CausalConv1d
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dilations = (1, 2, 4, 8) * args.repeat_dilations
+    cfg = ModelConfig(num_items=args.num_items, embed_dim=args.embed_dim, dilations=dilations, max_seq_len=args.seq_len)
+    model = ConureModel(cfg, [TaskSpec("t1", "sequence"), TaskSpec("t2", "item", num_labels=100)]).to(device)
+    owners = model.new_owner_map().prune(dict(model.weights()), 1, 0.7)
+    model.set_view(owners, "t2", Stage.TRAIN)
+    reference = _reference_nextitnet(args.num_items, args.embed_dim, cfg.kernel_size, dilations).to(device)
+    seq = torch.randint(1, args.num_items + 1, (args.batch_size, args.seq_len), device=device)
+
+    @contextlib.contextmanager
+    def conv1d_layout():
+        now = CausalConv1d.forward
+        CausalConv1d.forward = _conv1d_forward
+        try:
+            yield
+        finally:
+            CausalConv1d.forward = now
+
+    variants = {"reference (Conv2d)": (reference, contextlib.nullcontext),
+                "conure (masked)": (model.hidden, contextlib.nullcontext),
+                "conure, conv1d layout (before)": (model.hidden, conv1d_layout)}
+    if args.compile:
+        t = time.perf_counter()
+        compiled = torch.compile(model.hidden)
+        for bf16 in (False, True):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                compiled(seq).float().sum().backward()
+        print(f"torch.compile: {time.perf_counter() - t:.1f} s to compile (fp32 and bf16)")
+        variants["conure (masked), torch.compile"] = (compiled, contextlib.nullcontext)
+
+    def step(fn, bf16: bool) -> float:
+        model.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = fn(seq)
+        out.float().square().mean().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    # Conv FLOPs of one forward; backward costs about twice that (input and weight gradients).
+    flops = 3 * 2 * args.batch_size * args.seq_len * args.embed_dim * args.embed_dim * cfg.kernel_size * len(dilations)
+    times = {(name, bf16): [] for name in variants for bf16 in (False, True)}
+    for i in range(args.warmup + args.repeats):  # interleaved, so drift hits every variant alike
+        for (name, bf16) in times:
+            fn, context = variants[name]
+            with context():
+                dt = step(fn, bf16)
+            if i >= args.warmup:
+                times[name, bf16].append(dt)
+    base = statistics.median(times["reference (Conv2d)", False])
+    rows = []
+    for (name, bf16), v in times.items():
+        med = statistics.median(v)
+        rows.append({"variant": name, "dtype": "bf16" if bf16 else "fp32", "ms": 1e3 * med,
+                     "speed_vs_fp32_reference": base / med, "conv_gflops": flops / med / 1e9})
+        print(f"{name:34s} {'bf16' if bf16 else 'fp32'}  {1e3 * med:8.1f} ms  "
+              f"x{base / med:5.2f} vs fp32 reference  {flops / med / 1e9:6.1f} GFLOP/s (conv)")
+    print(f"config: f={args.embed_dim} conv layers={len(dilations)} batch={args.batch_size} seq={args.seq_len} "
+          f"device={device} threads={torch.get_num_threads()} repeats={args.repeats} (median), forward + backward")
+    return {"rows": rows, "threads": torch.get_num_threads()}
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", default=None, help="also write the measurements here (JSON)")
     sub = parser.add_subparsers(dest="bench", required=True)
+    sub_add = sub.add_parser
+    sub.add_parser = lambda *a, **k: sub_add(*a, parents=[common], **k)  # every benchmark takes --json
     p = sub.add_parser("pipeline", help="Ray Data pipeline rows/s vs pyarrow")
     p.add_argument("--data", default="/tmp/conure-bench/ttl-small",
                    help="prepared dataset; generated from --preset if missing (default outside the repo)")
@@ -651,9 +789,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seq-len", type=int, default=100)
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--max-files", type=int, default=0, help="read only the first N files of the task (0: all)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--num-cpus", type=int, default=os.cpu_count())
-    p.add_argument("--json", default=None, help="also write the measurements here")
     p.set_defaults(func=run_pipeline)
     m = sub.add_parser("masks", help="forward-pass overhead of the owner-map masks")
     m.add_argument("--backbone", default="nextitnet", choices=["nextitnet", "transformer"])
@@ -677,6 +815,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.set_defaults(func=run_guard)
     b = sub.add_parser("batch-mix", help="distinct users per training batch, stored order vs per-epoch shuffle")
     b.add_argument("--data", required=True, help="prepared dataset")
+    b.add_argument("--preset", default=None, help="synthetic preset to generate into --data if it is missing")
     b.add_argument("--task", required=True)
     b.add_argument("--batch-size", type=int, default=512)
     b.add_argument("--shuffle-rows", type=int, default=100_000, help="per-epoch shuffle buffer (rows)")
@@ -707,8 +846,19 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     t1.add_argument("--repeats", type=int, default=3)
     t1.add_argument("--warmup", type=int, default=1)
     t1.add_argument("--threads", type=int, default=0)
-    t1.add_argument("--json", default=None)
     t1.set_defaults(func=run_t1_step)
+    bb = sub.add_parser("backbone", help="NextItNet forward+backward (masks on) vs a plain Conv2d reference, fp32/bf16")
+    bb.add_argument("--embed-dim", type=int, default=256)
+    bb.add_argument("--repeat-dilations", type=int, default=4)
+    bb.add_argument("--batch-size", type=int, default=32)
+    bb.add_argument("--seq-len", type=int, default=100)
+    bb.add_argument("--num-items", type=int, default=10_000)
+    bb.add_argument("--repeats", type=int, default=15)
+    bb.add_argument("--warmup", type=int, default=2)
+    bb.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    bb.add_argument("--device", default="cpu")
+    bb.add_argument("--compile", action="store_true", help="also torch.compile the project's backbone")
+    bb.set_defaults(func=run_backbone)
     pr = sub.add_parser("prune", help="owner-map prune of the TTL model: selection vs a stable sort")
     pr.add_argument("--embed-dim", type=int, default=256)
     pr.add_argument("--repeat-dilations", type=int, default=4)
@@ -730,14 +880,91 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     sv.add_argument("--no-score-job", dest="score_job", action="store_false", help="skip the Ray Data runs")
     sv.add_argument("--workers", type=int, default=2, help="score job actors")
     sv.add_argument("--cpus-per-worker", type=float, default=0.5)
-    sv.add_argument("--json", default=None, help="also write the measurements here")
     sv.set_defaults(func=run_serve)
+    al = sub.add_parser("all", help="every benchmark in turn, one JSON file (see ALL)")
+    al.add_argument("--out", required=True, help="the JSON file with every benchmark's result")
+    al.add_argument("--workdir", default="/tmp/conure-bench", help="generated data and models (outside the repo)")
+    al.add_argument("--tiny", action="store_true", help="each benchmark at a tiny size: proves they run, measures nothing")
+    al.add_argument("--only", nargs="+", default=None, help="run only these benchmarks")
+    al.set_defaults(func=run_all)
     return parser.parse_args(argv)
+
+
+def all_benchmarks(workdir: str, tiny: bool) -> list[tuple[str, list[str]]]:
+    """Each benchmark with the arguments ``all`` runs it with: sizes that keep the whole run
+    under 15 minutes on a 2-core machine, or (``tiny``) sizes that only prove it runs."""
+    small_model = ["--embed-dim", "16", "--repeat-dilations", "1", "--seq-len", "8"]
+    quick = ["--repeats", "2", "--warmup", "1"]
+    demo = os.path.join(workdir, "demo")
+    if tiny:
+        return [
+            ("backbone", small_model + quick + ["--batch-size", "4", "--num-items", "50"]),
+            ("masks", small_model + quick + ["--batch-size", "4", "--num-items", "50"]),
+            ("t1-step", small_model + ["--num-items", "3000", "--batch-size", "4", "--full-batch", "2",
+                                       "--repeats", "1", "--warmup", "0"]),
+            ("prune", ["--embed-dim", "8", "--repeat-dilations", "1", "--num-items", "500"]),
+            ("guard", ["--rows", "66000", "--dim", "256", "--repeats", "2", "--warmup", "0"]),
+            ("item-step", small_model + quick + ["--users", "20", "--batch-size", "32", "--num-items", "50",
+                                                 "--labels", "30"]),
+            ("serve", small_model + ["--workdir", os.path.join(workdir, "serve"), "--num-items", "300", "--users", "40",
+                                     "--batch-size", "16", "--repeats", "5", "--warmup", "1", "--workers", "1"]),
+            ("pipeline", ["--data", demo, "--preset", "demo", "--task", "click", "--epochs", "1", "--workers", "1",
+                          "--batch-size", "64", "--seq-len", "25", "--num-cpus", "2"]),
+            ("batch-mix", ["--data", demo, "--task", "click", "--batch-size", "64", "--shuffle-rows", "500",
+                           "--epochs", "1", "--num-cpus", "2"]),
+        ]
+    return [
+        ("backbone", []),
+        ("masks", ["--repeats", "15"]),
+        ("t1-step", ["--repeats", "2"]),
+        ("prune", []),
+        ("guard", []),
+        ("item-step", []),
+        ("serve", ["--workdir", os.path.join(workdir, "serve"), "--repeats", "50"]),
+        ("pipeline", ["--data", os.path.join(workdir, "ttl-small"), "--max-files", "3", "--epochs", "2"]),
+        ("batch-mix", ["--data", demo, "--preset", "demo", "--task", "click", "--batch-size", "256"]),
+    ]
+
+
+def run_all(args: argparse.Namespace) -> dict:
+    """Every benchmark in turn; the result of each (and its wall time) under its name."""
+    plan = all_benchmarks(args.workdir, args.tiny)
+    if args.only:
+        unknown = sorted(set(args.only) - {name for name, _ in plan})
+        if unknown:
+            raise SystemExit(f"error: --only: no benchmark {', '.join(unknown)}; one of {', '.join(n for n, _ in plan)}")
+        plan = [(name, argv) for name, argv in plan if name in args.only]
+    results = {"machine": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},
+               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "tiny": args.tiny, "benchmarks": {}}
+    start = time.perf_counter()
+    for name, argv in plan:
+        print(f"\n== {name} {' '.join(argv)}", flush=True)
+        t = time.perf_counter()
+        sub = get_args([name, *argv])
+        result = sub.func(sub)
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            sys.modules["ray"].shutdown()  # each benchmark starts Ray the way it needs
+        results["benchmarks"][name] = {"argv": argv, "wall_s": time.perf_counter() - t, "result": result}
+        _write_json(args.out, results)  # after each, so a long run leaves what it measured
+    results["wall_s"] = time.perf_counter() - start
+    print(f"\nall: {len(plan)} benchmarks in {results['wall_s']:.0f} s; results in {args.out}")
+    return results
+
+
+def _write_json(path: str, value) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1, default=str)
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args(argv)
-    return args.func(args)
+    result = args.func(args)
+    target = args.out if args.bench == "all" else args.json
+    if target:
+        _write_json(target, result)
+    return 0
 
 
 if __name__ == "__main__":

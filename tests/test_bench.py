@@ -1,4 +1,5 @@
-"""Each benchmark of jobs/bench.py runs at a tiny size (proof that it works; not timed)."""
+"""Every benchmark of jobs/bench.py runs at a tiny size through ``bench.py all --tiny`` (proof
+that each works and writes its result; nothing here is timed)."""
 
 import importlib.util
 import json
@@ -8,6 +9,8 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IN_PROCESS = ["backbone", "masks", "t1-step", "prune", "guard", "item-step"]
+WITH_RAY = ["serve", "pipeline", "batch-mix"]
 
 
 @pytest.fixture(scope="module")
@@ -19,28 +22,42 @@ def bench():
     return module
 
 
-def test_serve_benchmark_at_a_tiny_size(bench, tmp_path, capsys):
-    out = tmp_path / "serve.json"
-    assert bench.main(["serve", "--workdir", str(tmp_path), "--num-items", "300", "--embed-dim", "16",
-                       "--repeat-dilations", "1", "--seq-len", "12", "--users", "40", "--batch-size", "16",
-                       "--repeats", "5", "--warmup", "1", "--no-score-job", "--json", str(out)]) == 0
-    text = capsys.readouterr().out
-    assert "one backbone per task" in text and "p99" in text
+def run_all(bench, tmp_path, only):
+    out = tmp_path / "bench.json"
+    assert bench.main(["all", "--tiny", "--workdir", str(tmp_path / "work"), "--out", str(out), "--only", *only]) == 0
     result = json.loads(out.read_text())
-    assert set(result["latency_ms"]) == {"float32/pretrain", "float32/click", "bfloat16/pretrain", "bfloat16/click"}
-    sizes = result["sizes"]
+    assert list(result["benchmarks"]) == only and result["tiny"] is True
+    return {name: b["result"] for name, b in result["benchmarks"].items()}
+
+
+def test_all_covers_every_benchmark(bench):
+    for tiny in (True, False):
+        assert [name for name, _ in bench.all_benchmarks("/tmp/w", tiny)] == IN_PROCESS + WITH_RAY
+    with pytest.raises(SystemExit, match="no benchmark nope"):
+        bench.main(["all", "--out", "/dev/null", "--only", "nope"])
+
+
+def test_in_process_benchmarks_at_a_tiny_size(bench, tmp_path):
+    r = run_all(bench, tmp_path, IN_PROCESS)
+    rows = {(row["variant"], row["dtype"]): row for row in r["backbone"]["rows"]}
+    assert {v for v, _ in rows} == {"reference (Conv2d)", "conure (masked)", "conure, conv1d layout (before)"}
+    assert rows["reference (Conv2d)", "fp32"]["speed_vs_fp32_reference"] == 1.0
+    assert all(row["ms"] > 0 and row["conv_gflops"] > 0 for row in rows.values())
+    assert set(r["masks"]["seconds"]) == {"forward", "forward+backward"}
+    steps = r["t1-step"]["seconds_per_step"]
+    assert any(k.startswith("exact softmax") for k in steps) and all(v > 0 for v in steps.values())
+    assert len(r["prune"]) == 4 and all(v["weights"] > 0 for v in r["prune"].values())
+    assert r["guard"]["exact copy"]["caught"] and r["guard"]["checksums"]["caught"]
+    assert set(r["item-step"]["seconds"]) == {"every row", "distinct sequences"}
+
+
+@pytest.mark.slow
+def test_ray_benchmarks_at_a_tiny_size(bench, tmp_path):
+    r = run_all(bench, tmp_path, WITH_RAY)
+    sizes = r["serve"]["sizes"]
     assert sizes["owner_map"] > 0 and sizes["one_backbone_per_task"] > sizes["weights"]
-
-
-def test_prune_benchmark_at_a_tiny_size(bench, capsys):
-    assert bench.main(["prune", "--embed-dim", "8", "--repeat-dilations", "1", "--num-items", "500"]) == 0
-    text = capsys.readouterr().out
-    assert text.count("selection") == 2 and text.count("stable sort") == 2
-
-
-def test_item_step_and_masks_benchmarks_at_a_tiny_size(bench, capsys):
-    assert bench.main(["item-step", "--users", "20", "--batch-size", "32", "--embed-dim", "8", "--repeat-dilations", "1",
-                       "--seq-len", "6", "--num-items", "50", "--labels", "30", "--repeats", "2", "--warmup", "1"]) == 0
-    assert bench.main(["masks", "--embed-dim", "8", "--repeat-dilations", "1", "--batch-size", "4", "--seq-len", "6",
-                       "--num-items", "50", "--repeats", "2", "--warmup", "1"]) == 0
-    assert "ratio" in capsys.readouterr().out
+    assert set(r["serve"]["latency_ms"]) == {"float32/pretrain", "float32/click", "bfloat16/pretrain", "bfloat16/click"}
+    readers = {(m["reader"], m["workers"]) for m in r["pipeline"]["measurements"]}
+    assert readers == {("pyarrow", 1), ("pyarrow+pad", 1), ("ray", 1)}
+    assert all(m["rows"] > 0 for m in r["pipeline"]["measurements"])
+    assert r["batch-mix"]["stored order"]["batches"] > 0

@@ -25,6 +25,24 @@ def test_hidden_state_is_causal(backbone):
     assert not torch.allclose(a[:, 7:], b[:, 7:])  # the test could see a difference
 
 
+def test_causal_conv_is_the_left_padded_conv1d_with_contiguous_output():
+    from torch.nn import functional as F
+
+    from conure_dist.model.masked import CausalConv1d
+
+    torch.manual_seed(0)
+    conv = CausalConv1d(16, 3, dilation=2)
+    x = torch.randn(3, 11, 16, requires_grad=True)
+    y = conv(x)
+    ref = F.conv1d(F.pad(x.transpose(1, 2), (4, 0)), conv.weight, conv.bias, dilation=2).transpose(1, 2)
+    assert y.shape == (3, 11, 16) and y.is_contiguous()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(y.square().sum(), (x, conv.weight))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (x, conv.weight))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backbone", ["nextitnet", "transformer"])
 def test_frozen_entries_get_no_gradient_and_used_mask_applies(backbone):
     model = small(backbone)
