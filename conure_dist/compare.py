@@ -93,7 +93,8 @@ def load_task_data(exp: ExperimentConfig, info) -> dict[str, TaskData]:
     data = {}
     for plan in exp.tasks:
         name, size = plan.spec.name, plan.train.batch_size
-        splits = {s: load_split_batches(info, name, s, size, exp.seq_len) for s in ("train", "validation", "test")}
+        splits = {s: load_split_batches(info, name, s, size, exp.seq_len, 0 if s == "train" else exp.max_eval_rows)
+                  for s in ("train", "validation", "test")}
         popularity = info.popularity(name) if plan.spec.kind != "class" else None
         data[name] = TaskData(splits["train"], splits["validation"], splits["test"], popularity)
     return data

@@ -102,6 +102,7 @@ class TrainConfig:
     epochs: int = 10  # train stage
     retrain_epochs: int = 5
     patience: int = 3  # epochs without validation gain before stopping early
+    max_steps: int = 0  # optimizer steps per stage (train and retrain each); 0: no limit (smoke tests)
     sample_ratio: float = 0.2  # sequence task: share of the vocabulary drawn as negatives
     # Sequence task negatives: log_uniform (Zipfian over popularity rank, the authors' sampler;
     # needs the items' popularity) | uniform (its log-Q correction is a constant, i.e. none).
@@ -120,6 +121,7 @@ class TrainConfig:
         _require(self.epochs >= 1, "train.epochs", "must be >= 1")
         _require(self.retrain_epochs >= 0, "train.retrain_epochs", "must be >= 0")
         _require(self.patience >= 1, "train.patience", "must be >= 1")
+        _require(self.max_steps >= 0, "train.max_steps", f"must be >= 0 (0: no limit), got {self.max_steps}")
         _require(0.0 < self.sample_ratio <= 1.0, "train.sample_ratio", f"must lie in (0, 1], got {self.sample_ratio}")
         _require(self.sampler in SAMPLERS, "train.sampler", f"one of {SAMPLERS}, got {self.sampler!r}")
         _require(self.bpr_rho > 0, "train.bpr_rho", "must be > 0")
@@ -244,6 +246,9 @@ class ExperimentConfig:
     # Rows each worker shuffles per epoch, with a seed of (seed, task, stage, epoch, rank), on
     # top of a per-stage order of the Parquet blocks; 0 turns the per-epoch shuffle off.
     shuffle_buffer_rows: int = 100_000
+    # Validation and test read at most this many rows of each split (the first ones, in the
+    # stored order); 0 reads them all. For smoke tests at scale: such metrics are not the task's.
+    max_eval_rows: int = 0
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # Merged into the generated DeepSpeed config (keys in DEEPSPEED_OWNED / _REFUSED refused).
     deepspeed: dict = field(default_factory=dict)
@@ -253,10 +258,21 @@ class ExperimentConfig:
         check_deepspeed_section(self.deepspeed)
         _require(self.seq_len >= 2, "seq_len", "must be >= 2")
         _require(self.shuffle_buffer_rows >= 0, "shuffle_buffer_rows", "must be >= 0")
+        _require(self.max_eval_rows >= 0, "max_eval_rows", f"must be >= 0 (0: every row), got {self.max_eval_rows}")
         from conure_dist.train.plan import METHODS
 
         _require(self.method in METHODS, "method", f"one of {sorted(METHODS)}, got {self.method!r}")
         object.__setattr__(self, "tasks", tuple(self.tasks))
+
+    def smoke_settings(self) -> list[str]:
+        """The settings that cut training or evaluation short (smoke tests): metrics of such a run
+        are not the tasks' own, and its reports say so."""
+        out = [f"max_eval_rows={self.max_eval_rows} (validation and test read the first {self.max_eval_rows} rows "
+               "of each split)"] if self.max_eval_rows else []
+        limited = [f"{t.spec.name}: {t.train.max_steps}" for t in self.tasks if t.train.max_steps]
+        if limited:
+            out.append(f"max_steps per stage ({', '.join(limited)})")
+        return out
 
     def task(self, name: str) -> TaskPlan:
         for t in self.tasks:

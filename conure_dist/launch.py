@@ -31,13 +31,13 @@ QUIET_ENV = {
 OPTION_KEYS = {
     "data": "data", "run_dir": "run_dir", "raw": "source.raw", "method": "method", "seed": "seed",
     "embed_dim": "model.embed_dim", "backbone": "model.backbone", "seq_len": "seq_len",
-    "shuffle_buffer": "shuffle_buffer_rows", "first_batch_size": "first_task.batch_size",
+    "shuffle_buffer": "shuffle_buffer_rows", "max_eval_rows": "max_eval_rows", "first_batch_size": "first_task.batch_size",
     "workers": "cluster.num_workers", "cpus_per_worker": "cluster.cpus_per_worker",
     "zero_stage": "cluster.zero_stage", "precision": "cluster.precision", "max_failures": "cluster.max_failures",
     "checkpoint_every": "cluster.checkpoint_every_steps", "log_every": "cluster.log_every_steps",
 }
 # Named options that set a key of every task (T1, later tasks and each per-task override).
-EVERY_TASK_KEYS = {"epochs": "epochs", "retrain_epochs": "retrain_epochs"}
+EVERY_TASK_KEYS = {"epochs": "epochs", "retrain_epochs": "retrain_epochs", "max_steps": "max_steps"}
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, preset: str) -> None:
@@ -99,6 +99,12 @@ def add_run_arguments(parser: argparse.ArgumentParser, preset: str) -> None:
                        f"(preset {preset}: {base.first_task.epochs} for T1, {base.later_tasks.epochs} after)")
     train.add_argument("--retrain-epochs", type=int, help="retrain epochs of every task "
                        f"(preset {preset}: {base.first_task.retrain_epochs} for T1, {base.later_tasks.retrain_epochs} after)")
+    train.add_argument("--max-steps", type=int, help="optimizer steps per train/retrain stage of every task, "
+                       "then the stage validates and ends (0: no limit; for smoke tests at scale)"
+                       f"{d(base.first_task.max_steps)}")
+    train.add_argument("--max-eval-rows", type=int, help="validate and test on at most this many rows of each "
+                       "split (0: all; for smoke tests: the reports say the metrics are partial)"
+                       f"{d(base.max_eval_rows)}")
     train.add_argument("--batch-size", type=int, help=f"global batch of every later task{d(base.later_tasks.batch_size)}")
     train.add_argument("--first-batch-size", type=int, help=f"global batch of T1{d(base.first_task.batch_size)}")
     train.add_argument("--embed-dim", type=int, help=f"embedding width f{d(base.model.embed_dim)}")
@@ -216,7 +222,8 @@ def build_experiment(rc, dataset: str, preset_tasks: Sequence[str] = ()) -> Expe
     cluster = runconfig.cluster_config(rc)
     exp = ExperimentConfig(dataset=storage.resolve(dataset), model=runconfig.model_config(rc, info.num_items),
                            tasks=tuple(plans), method=rc.method, seq_len=rc.seq_len, seed=rc.seed,
-                           shuffle_buffer_rows=rc.shuffle_buffer_rows, cluster=cluster, deepspeed=dict(rc.deepspeed))
+                           shuffle_buffer_rows=rc.shuffle_buffer_rows,
+                           max_eval_rows=rc.max_eval_rows, cluster=cluster, deepspeed=dict(rc.deepspeed))
     if cluster.memory_per_worker:
         return exp
     # Each worker asks Ray for the memory its largest stage needs, so an autoscaling cluster
@@ -234,7 +241,8 @@ def resource_plan(exp: ExperimentConfig, gpu_memory: int | None = None):
     inputs = SizingInputs(
         num_items=exp.model.num_items, embed_dim=exp.model.embed_dim, num_conv_layers=len(exp.model.dilations),
         kernel_size=exp.model.kernel_size, max_label_space=max(labels, default=0), batch_size=first.train.batch_size,
-        seq_len=exp.seq_len, sample_ratio=first.train.sample_ratio, zero_stage=exp.cluster.zero_stage,
+        seq_len=exp.seq_len, sample_ratio=first.train.sample_ratio, sampler=first.train.sampler,
+        zero_stage=exp.cluster.zero_stage,
         num_workers=exp.cluster.num_workers, precision=exp.cluster.resolved_precision, use_gpu=exp.cluster.use_gpu,
         prune_embedding=exp.model.prune_embedding, total_label_space=sum(labels) or None,
     )
@@ -351,6 +359,8 @@ def run_from_args(args: argparse.Namespace, preset: str) -> int:
         exp = experiment(prepared_dataset(rc))
         log.info(f"conure_dist {__version__}: run directory {rc.run_dir}" + (" (in process)" if args.in_process else ""))
         log.debug("resolved config:\n" + config_yaml)
+        if exp.smoke_settings():
+            log.info("smoke test: " + "; ".join(exp.smoke_settings()))
         if not args.in_process:
             connect_ray(worker_output=args.log_level == "debug")
         started = time.time()
@@ -363,6 +373,9 @@ def run_from_args(args: argparse.Namespace, preset: str) -> int:
             log.info(run.state.owners.capacity_table({i + 1: t.spec.name for i, t in enumerate(exp.tasks)}))
         log.info("accuracy matrix (main metric; rows: after committing; columns: task):")
         log.info(accuracy_table(run, run.floors or floors_of(exp)))
+        if exp.smoke_settings():
+            log.info("NOTE: smoke-test settings cut this run short, so these are not the tasks' metrics: "
+                     + "; ".join(exp.smoke_settings()))
         log.info("reports: " + ", ".join(run.rundir.storage_uri(p) for p in
                                           ("reports/accuracy_matrix.csv", "reports/floors.csv",
                                            "reports/capacity.txt", "config.yaml",

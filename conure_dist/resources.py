@@ -116,6 +116,7 @@ class SizingInputs:
     use_gpu: bool
     prune_embedding: bool = False
     task_kind: str = "sequence"
+    sampler: str = "log_uniform"  # T1's negative sampler: how many of the draws are distinct
     total_label_space: int | None = None
     reduce_bucket_elements: int = DEFAULT_REDUCE_BUCKET_ELEMENTS
 
@@ -154,6 +155,8 @@ class SizingInputs:
             )
         if self.precision not in PRECISIONS:
             raise ValueError(f"SizingInputs.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.sampler not in ("log_uniform", "uniform"):
+            raise ValueError(f"SizingInputs.sampler must be log_uniform or uniform, got {self.sampler!r}")
         if self.task_kind not in TASK_KINDS:
             raise ValueError(f"SizingInputs.task_kind must be one of {TASK_KINDS}, got {self.task_kind!r}")
         if self.task_kind != "sequence" and self.max_label_space < 1:
@@ -166,6 +169,21 @@ class SizingInputs:
     def num_sampled(self) -> int:
         """Negatives shared by the batch in T1's sampled softmax, as train/losses.py draws them."""
         return max(1, int(round(self.sample_ratio * self.num_items)))
+
+    @property
+    def distinct_sampled(self) -> int:
+        """Expected distinct items among the draws (the loss scores each distinct item once):
+        ``sum_r 1 - (1 - p_r)^n`` over the sampler's probabilities ``p``."""
+        import numpy as np
+
+        n, v = self.num_sampled, self.num_items
+        if self.sample_ratio >= 1.0:
+            return v  # the exact softmax scores every item
+        if self.sampler == "uniform":
+            return int(math.ceil(v * -math.expm1(n * math.log1p(-1.0 / v)))) if v > 1 else 1
+        r = np.arange(v, dtype=np.float64)
+        p = (np.log(r + 2) - np.log(r + 1)) / math.log(v + 1)
+        return int(math.ceil(float(-np.expm1(n * np.log1p(-p)).sum())))
 
     @property
     def micro_batch(self) -> int:
@@ -208,7 +226,8 @@ class WorkerPlan:
             f"worker plan: {i.task_kind} stage, {i.num_items:,} items, f={i.embed_dim}, "
             f"{i.num_conv_layers} conv layers (k={i.kernel_size}), largest head {i.max_label_space:,}",
             f"  batch {i.batch_size} ({i.micro_batch} per worker) x seq {i.seq_len}, "
-            + (f"sampled softmax {i.num_sampled:,} negatives, " if i.task_kind == "sequence" else "")
+            + (f"sampled softmax {i.num_sampled:,} draws (~{i.distinct_sampled:,} distinct), "
+               if i.task_kind == "sequence" else "")
             + f"ZeRO-{i.zero_stage} on {i.num_workers} worker(s), {i.precision}, "
             f"{'GPU' if i.use_gpu else 'CPU'}"
             + (", embedding prunable" if i.prune_embedding else ""),
@@ -389,14 +408,15 @@ def _device_components(i: SizingInputs) -> tuple[dict[str, int], dict[str, int]]
         positions * i.num_conv_layers * LAYERNORM_STATS_BYTES
     )
 
-    # Logits. T1: [batch * (seq_len - 1), num_sampled] (negatives shared by the batch),
-    # plus the gathered output rows of the sampled items and of the targets, each with its
-    # gradient. Later tasks: [batch, |Y|] (an upper bound for BPR, which scores fewer).
+    # Logits. T1: [batch * (seq_len - 1), distinct sampled items] (negatives shared by the
+    # batch, each distinct item scored once), plus the gathered output rows of the sampled
+    # items and of the targets, each with its gradient. Later tasks: [batch, |Y|] (an upper
+    # bound for BPR, which scores fewer).
     logit_bytes = FP32_LOGIT_COPIES * FP32_BYTES + BOOL_BYTES + (lp if i.precision == "bf16" else 0)
     if i.task_kind == "sequence":
         rows = i.micro_batch * (i.seq_len - 1)
-        gathered = (i.num_sampled + rows) * i.embed_dim * lp * 2
-        c["sampled_softmax_logits"] = rows * i.num_sampled * logit_bytes + gathered
+        gathered = (i.distinct_sampled + rows) * i.embed_dim * lp * 2
+        c["sampled_softmax_logits"] = rows * i.distinct_sampled * logit_bytes + gathered
     else:
         c["head_logits"] = i.micro_batch * i.max_label_space * logit_bytes
 

@@ -13,7 +13,7 @@ Layout (``conure-dist config show ttl`` prints a complete, commented example)::
 
     data / run_dir / source      where the prepared dataset, the run and raw inputs live
     task_order                   tasks to train, in order (null: the dataset's order)
-    method, seed, seq_len, shuffle_buffer_rows
+    method, seed, seq_len, shuffle_buffer_rows, max_eval_rows
     model                        the backbone (ModelConfig without num_items, which the data gives)
     first_task, later_tasks      TrainConfig of T1 and of every later task
     prune_ratios                 prune ratio of task 1, 2, ... (by position)
@@ -102,6 +102,7 @@ class RunConfig:
     seed: int = 0
     seq_len: int = 100
     shuffle_buffer_rows: int = 100_000
+    max_eval_rows: int = 0
     model: ModelSettings = field(default_factory=ModelSettings)  # type: ignore[valid-type]
     first_task: TrainSettings = field(default_factory=TrainSettings)  # type: ignore[valid-type]
     later_tasks: TrainSettings = field(default_factory=TrainSettings)  # type: ignore[valid-type]

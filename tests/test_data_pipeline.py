@@ -194,3 +194,18 @@ def test_every_epoch_has_a_fresh_order_and_a_rerun_epoch_the_same_one(info, ray_
     # Rows are mixed across the whole shard, not read in stored order.
     stored = [u for u in read_split_table(info, "click", "train").column("user").to_pylist()]
     assert first[0][0] != [u for u in stored if u in set(first[0][0])]
+
+
+def test_max_rows_keeps_the_first_rows_of_an_evaluation_split_in_both_engines(info, ray_session):
+    """``--max-eval-rows``: the Ray dataset and the in-process batches hold the same first rows."""
+    from conure_dist.data.pipeline import split_dataset, split_size
+
+    task, limit = "click", 25
+    batches = load_split_batches(info, task, "test", 10, 8, max_rows=limit)
+    local = [int(u) for b in batches for u in b["user"]]
+    ds = split_dataset(info, task, "test", seed=0, cache_below_bytes=0, max_rows=limit)
+    assert [int(r["user"]) for r in ds.iter_rows()] == local == read_split_table(info, task, "test")["user"].to_pylist()[:limit]
+    assert split_size(info, task, "test", limit).rows == limit
+    assert split_size(info, task, "test").rows == info.task(task).counts["test"] > limit
+    with pytest.raises(ValueError, match="evaluation splits only"):
+        split_dataset(info, task, "train", seed=0, cache_below_bytes=0, max_rows=limit)

@@ -253,7 +253,7 @@ def test_fits_and_recommendation():
     roomy = plan_worker(TTL, gpu_memory_bytes=80 * GiB)
     assert roomy.fits is True and roomy.recommendation is None
 
-    tight = 13 * GiB
+    tight = 10 * GiB  # under the 11.35 GiB of ZeRO-0 on one worker
     plan = plan_worker(TTL, gpu_memory_bytes=tight)
     assert plan.fits is False
     match = re.search(r"--zero-stage (\d) --workers (\d+)", plan.recommendation or "")
@@ -296,3 +296,19 @@ def test_table_lists_every_component_and_the_request():
 def test_module_docstring_example_holds():
     failures, _ = doctest.testmod(resources)
     assert failures == 0
+
+
+@pytest.mark.parametrize("sampler", ["log_uniform", "uniform"])
+def test_distinct_draws_match_what_the_sampler_draws(sampler):
+    import numpy as np
+    import torch
+
+    from conure_dist.train.samplers import log_uniform_sampler, uniform_sampler
+
+    inputs = replace(TTL, num_items=50_000, sample_ratio=0.2, sampler=sampler)
+    draws = uniform_sampler(50_001, (0,)) if sampler == "uniform" else \
+        log_uniform_sampler(np.random.default_rng(0).integers(0, 100, 50_001), (0,))
+    seen = [torch.unique(draws.sample(inputs.num_sampled, torch.Generator().manual_seed(s))).numel() for s in range(3)]
+    assert inputs.distinct_sampled < inputs.num_sampled
+    assert abs(inputs.distinct_sampled - sum(seen) / 3) < 0.01 * inputs.distinct_sampled, (inputs.distinct_sampled, seen)
+    assert replace(inputs, sample_ratio=1.0).distinct_sampled == 50_000  # the exact softmax: every item

@@ -54,6 +54,8 @@ def with_task_train(exp, name, **changes):
         e.tasks[1], spec=dataclasses.replace(e.tasks[1].spec, prune_ratio=0.5)))), "tasks.click.spec.prune_ratio", "0.7", "0.5"),
     (lambda e: dataclasses.replace(e, seed=4), "seed", "0", "4"),
     (lambda e: dataclasses.replace(e, shuffle_buffer_rows=10), "shuffle_buffer_rows", "100000", "10"),
+    (lambda e: dataclasses.replace(e, max_eval_rows=10), "max_eval_rows", "0", "10"),
+    (lambda e: with_task_train(e, "pretrain", max_steps=5), "tasks.pretrain.train.max_steps", "0", "5"),
     (lambda e: dataclasses.replace(e, cluster=dataclasses.replace(e.cluster, zero_stage=2)), "cluster.zero_stage", "0", "2"),
 ])
 def test_a_resume_with_a_setting_that_changes_results_is_refused_naming_it(dataset, tmp_path, change, setting, old, new):
@@ -184,3 +186,15 @@ def test_a_failed_stage_ends_the_job_with_one_line_and_status_1(capsys):
 
     assert main_guard(job) == 1
     assert capsys.readouterr().err == "error: task click, train stage: the loss became nan at step 3 (epoch 1, batch 3)\n"
+
+
+def test_smoke_test_settings_are_named_in_the_reports_and_the_log(tmp_path, capsys):
+    from conure_dist.jobs.ttl import main as ttl_main
+
+    run_dir = tmp_path / "run"
+    assert ttl_main(["--demo", "--in-process", "--tasks", "pretrain,age", "--epochs", "3", "--retrain-epochs", "1",
+                     "--embed-dim", "8", "--max-steps", "2", "--max-eval-rows", "15", "--run-dir", str(run_dir)]) == 0
+    notice = (run_dir / "reports" / "SMOKE_TEST.txt").read_text()
+    assert "max_eval_rows=15" in notice and "pretrain: 2, age: 2" in notice
+    assert "NOTE: smoke-test settings cut this run short" in capsys.readouterr().out
+    assert json.loads((run_dir / "manifest.json").read_text())["settings"]["max_eval_rows"] == 15

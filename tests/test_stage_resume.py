@@ -36,11 +36,11 @@ def order_of(data):
     return batches
 
 
-def run(model, stepper, data, *, progress=None, best=None, on_step=None):
+def run(model, stepper, data, *, progress=None, best=None, on_step=None, max_steps=0):
     return run_stage(model=model, stepper=stepper, loss_fn=make_loss(TASKS[0], CFG, NUM_ITEMS, None),
                      train_batches=order_of(data), validate=lambda: evaluate_task(model, TASKS[0], data.validation),
                      metric="mrr@5", epochs=3, patience=5, l2=CFG.l2, l2_scope=CFG.l2_scope, seed=11,
-                     progress=progress, best=best, on_step=on_step, name="task t1, train stage")
+                     progress=progress, best=best, on_step=on_step, name="task t1, train stage", max_steps=max_steps)
 
 
 def test_resuming_inside_an_epoch_equals_the_uninterrupted_stage():
@@ -105,3 +105,40 @@ def test_a_non_finite_loss_stops_the_stage_naming_task_stage_and_step():
     with pytest.raises(NonFiniteLoss, match=r"task t1, train stage: the loss became nan at step 3 \(epoch 1"):
         run_stage(model=model, stepper=stepper, loss_fn=diverging, train_batches=order_of(data), validate=None,
                   metric="mrr@5", epochs=1, patience=1, name="task t1, train stage")
+
+
+def test_max_steps_ends_the_stage_inside_an_epoch_validated_and_a_resume_keeps_the_limit():
+    data = make_data()["t1"]
+    steps_per_epoch = len(data.train)
+    limit = steps_per_epoch + 2  # inside the second epoch
+    model = fresh_model()
+    progress, _ = run(model, TorchStepper(model.trainable_parameters(), CFG), data, max_steps=limit)
+    assert progress.step == limit and progress.step_limited and progress.finished(3)
+    assert progress.epoch == 2 and len(progress.history) == 2  # the cut epoch was validated and counted
+    assert "val_mrr@5" in progress.history[-1]
+    limited = model.weights()
+
+    # Stopped at a step before the limit and resumed: the same steps, then the same stop.
+    saved = {}
+    model = fresh_model()
+    stepper = TorchStepper(model.trainable_parameters(), CFG)
+
+    def on_step(p, loss):
+        if p.step == 3:
+            saved.update(model=copy.deepcopy(model.state_dict()), opt=copy.deepcopy(stepper.optimizer.state_dict()),
+                         progress=copy.deepcopy(p))
+            raise Stop
+
+    with pytest.raises(Stop):
+        run(model, stepper, data, on_step=on_step, max_steps=limit)
+    model = fresh_model()
+    model.load_state_dict(saved["model"])
+    stepper = TorchStepper(model.trainable_parameters(), CFG)
+    stepper.optimizer.load_state_dict(saved["opt"])
+    resumed, _ = run(model, stepper, data, progress=StageProgress.from_dict(saved["progress"].to_dict()), max_steps=limit)
+    assert resumed.step == limit and resumed.step_limited
+    final = model.weights()
+    assert all(torch.equal(final[k], limited[k]) for k in limited)
+    # A finished, step-limited stage has nothing left to run.
+    again, _ = run(model, stepper, data, progress=StageProgress.from_dict(resumed.to_dict()), max_steps=limit)
+    assert again.step == limit and len(again.history) == 2

@@ -114,11 +114,14 @@ def read_split_table(info: DatasetInfo, task: str, split: str) -> pa.Table:
 
 
 def load_split_batches(info: DatasetInfo, task: str, split: str, batch_size: int, seq_len: int,
-                       ) -> list[dict[str, torch.Tensor]]:
-    """All batches of one split in file order, without Ray (labels included for item/class tasks)."""
+                       max_rows: int = 0) -> list[dict[str, torch.Tensor]]:
+    """All batches of one split in file order, without Ray (labels included for item/class tasks);
+    with ``max_rows``, only the first ``max_rows`` rows."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     table = read_split_table(info, task, split)
+    if max_rows:
+        table = table.slice(0, max_rows)
     with_label = info.task(task).has_label
     return [table_to_tensors(table.slice(start, batch_size), seq_len, with_label)
             for start in range(0, table.num_rows, batch_size)]
@@ -136,12 +139,19 @@ def read_split(info: DatasetInfo, task: str, split: str, shuffle_files_seed: int
     return ray.data.read_parquet(info.split_files(task, split), shuffle=shuffle)
 
 
-def split_dataset(info: DatasetInfo, task: str, split: str, *, seed: int, cache_below_bytes: int) -> ray.data.Dataset:
+def split_dataset(info: DatasetInfo, task: str, split: str, *, seed: int, cache_below_bytes: int,
+                  max_rows: int = 0) -> ray.data.Dataset:
     """The Ray Dataset a stage reads: train splits with their files in a seeded order (rows are
     shuffled again every epoch in each worker, see :func:`epoch_batches`); splits smaller than
     ``cache_below_bytes`` (uncompressed) read once into the object store, since Ray Data's
-    per-epoch start-up dominates small splits."""
+    per-epoch start-up dominates small splits. ``max_rows`` keeps the first rows of the split
+    in file order (the rows :func:`load_split_batches` keeps), read once into the object store."""
     ds = read_split(info, task, split, shuffle_files_seed=seed if split == "train" else None)
+    if max_rows:
+        if split == "train":
+            raise ValueError("max_rows limits evaluation splits only")
+        ds.context.execution_options.preserve_order = True
+        return ds.limit(max_rows).materialize()
     footers = [pq.read_metadata(f) for f in info.split_files(task, split)]
     size = sum(m.row_group(i).total_byte_size for m in footers for i in range(m.num_row_groups))
     if size >= cache_below_bytes:
@@ -188,9 +198,10 @@ class SplitSize:
     schema: pa.Schema
 
 
-def split_size(info: DatasetInfo, task: str, split: str) -> SplitSize:
-    """Row count (from ``dataset.json``) and schema of one task split."""
-    return SplitSize(info.task(task).counts[split], pq.read_schema(info.split_files(task, split)[0]))
+def split_size(info: DatasetInfo, task: str, split: str, max_rows: int = 0) -> SplitSize:
+    """Row count (from ``dataset.json``; at most ``max_rows`` if given) and schema of one task split."""
+    rows = info.task(task).counts[split]
+    return SplitSize(min(rows, max_rows) if max_rows else rows, pq.read_schema(info.split_files(task, split)[0]))
 
 
 def padding_table(schema: pa.Schema, rows: int) -> pa.Table:

@@ -146,6 +146,9 @@ def _save_state(manifest: Manifest, state: RunState, tag: str) -> None:
         rundir.delete(old["weights"])
 
 
+SMOKE_REPORT = "reports/SMOKE_TEST.txt"
+
+
 def write_reports(run: Run) -> None:
     from conure_dist.data.format import load_dataset_info
     from conure_dist.eval.floors import floors
@@ -153,6 +156,10 @@ def write_reports(run: Run) -> None:
     state, names = run.state, {i + 1: t.spec.name for i, t in enumerate(run.exp.tasks)}
     run.rundir.write_text("reports/accuracy_matrix.csv", csv_text(state.accuracy, ("after_task", "task", "metric", "value")))
     run.rundir.write_text("reports/capacity.txt", state.owners.capacity_table(names) + "\n")
+    smoke = run.exp.smoke_settings()
+    if smoke:
+        run.rundir.write_text(SMOKE_REPORT, "This run was cut short by smoke-test settings; its metrics are not the "
+                              "tasks' own and must not be compared with full runs:\n" + "".join(f"- {s}\n" for s in smoke))
     if run.floors is None:
         run.floors = floors(load_dataset_info(run.exp.dataset), run.exp.tasks)
     rows = [{"task": task, "metric": metric, "value": value} for task, (metric, value) in run.floors.items()]

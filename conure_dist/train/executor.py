@@ -88,7 +88,7 @@ class RayExecutor:
             scaling_config=ray.train.ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources),
             datasets={n: self._dataset(task, split) for n, (task, split) in datasets.items()},
             dataset_config=ExactlyOnceDataConfig(
-                {n: split_size(self.info, task, split) for n, (task, split) in datasets.items()},
+                {n: split_size(self.info, task, split, self._max_rows(split)) for n, (task, split) in datasets.items()},
                 datasets_to_split=list(datasets),
             ),
             run_config=ray.train.RunConfig(
@@ -106,8 +106,12 @@ class RayExecutor:
         key = (task, split)
         if key not in self._datasets:
             self._datasets[key] = split_dataset(self.info, task, split, seed=self.exp.seed,
-                                                cache_below_bytes=self.exp.cluster.cache_splits_below_bytes)
+                                                cache_below_bytes=self.exp.cluster.cache_splits_below_bytes,
+                                                max_rows=self._max_rows(split))
         return self._datasets[key]
+
+    def _max_rows(self, split: str) -> int:
+        return 0 if split == "train" else self.exp.max_eval_rows
 
     def _loop_config(self, key: str, weights: Weights, owners: OwnerMap | None) -> dict[str, Any]:
         self.rundir.write_tensors(f"stages/{key}/weights.safetensors", weights)

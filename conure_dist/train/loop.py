@@ -61,6 +61,7 @@ class StageProgress:
     best_epoch: int = -1
     bad_epochs: int = 0
     stopped_early: bool = False
+    step_limited: bool = False  # stopped at the stage's step limit (train.max_steps)
     world_size: int = 1  # data-parallel ranks the steps were taken with
     # The epoch in progress (a checkpoint taken inside an epoch resumes from here).
     epoch_step: int = 0  # batches of epoch ``epoch`` already consumed
@@ -78,7 +79,7 @@ class StageProgress:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def finished(self, epochs: int) -> bool:
-        return self.stopped_early or self.epoch >= epochs
+        return self.stopped_early or self.step_limited or self.epoch >= epochs
 
 
 class NonFiniteLoss(RuntimeError):
@@ -104,6 +105,7 @@ def run_stage(
     metric: str,
     epochs: int,
     patience: int,
+    max_steps: int = 0,
     l2: float = 0.0,
     l2_scope: str = "head",
     seed: int = 0,
@@ -120,7 +122,9 @@ def run_stage(
     ``train_batches(epoch)`` yields the epoch's batches. After each epoch ``validate()`` gives
     the metrics; the weights of the best epoch by ``metric`` are kept (``snapshot()``, by
     default the model's effective fp32 weights) and returned. Training stops early after
-    ``patience`` epochs without improvement. ``on_epoch_end`` is where callers checkpoint.
+    ``patience`` epochs without improvement. With ``max_steps`` the stage ends once it has taken
+    that many optimizer steps: the epoch in progress is validated and counted, and the stage is
+    done (a smoke test's budget). ``on_epoch_end`` is where callers checkpoint.
     ``name`` (e.g. ``"task click, train stage"``) names the stage in errors.
     """
     progress = progress if progress is not None else StageProgress()
@@ -130,13 +134,15 @@ def run_stage(
     generator = torch.Generator()
     model.train()
     for epoch in range(progress.epoch, epochs):
-        if progress.stopped_early:
+        if progress.stopped_early or progress.step_limited:
             break
         started = time.perf_counter()
         skip = progress.epoch_step  # batches a checkpoint inside this epoch had consumed
         for index, batch in enumerate(train_batches(epoch)):
             if index < skip:
                 continue
+            if max_steps and progress.step >= max_steps:
+                break
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             generator.manual_seed(step_seed(seed, epoch, index))
             loss = loss_fn(model, batch, generator)
@@ -174,6 +180,7 @@ def run_stage(
         })
         progress.epoch_step, progress.epoch_loss_sum, progress.epoch_examples, progress.epoch_seconds = 0, 0.0, 0, 0.0
         progress.stopped_early = progress.bad_epochs >= patience and progress.epoch < epochs
+        progress.step_limited = bool(max_steps) and progress.step >= max_steps and progress.epoch < epochs
         if on_epoch_end is not None:
             on_epoch_end(progress, best_weights, improved)
     if best_weights is None:  # zero epochs left to run and nothing carried over

@@ -156,6 +156,7 @@ class InProcessExecutor:
             metric=main_metric(spec, cfg.metric_k),
             epochs=epochs,
             patience=cfg.patience,
+            max_steps=cfg.max_steps,
             l2=cfg.l2,
             l2_scope=cfg.l2_scope,
             seed=cfg.seed + 7919 * number + (1 if stage is Stage.RETRAIN else 0),

@@ -184,7 +184,8 @@ def stage_worker(config: dict[str, Any]) -> None:
     if not progress.finished(epochs):
         progress, best = run_stage(
             model=model, stepper=stepper, loss_fn=loss_fn, train_batches=batches, validate=validate,
-            metric=main_metric(spec, train.metric_k), epochs=epochs, patience=train.patience, l2=train.l2,
+            metric=main_metric(spec, train.metric_k), epochs=epochs, patience=train.patience,
+            max_steps=train.max_steps, l2=train.l2,
             l2_scope=train.l2_scope, seed=stage_seed + rank, device=device,
             progress=progress, best=best, snapshot=stepper.fp32_weights, on_step=on_step, on_epoch_end=on_epoch_end,
             name=f"task {spec.name}, {stage.value} stage",
