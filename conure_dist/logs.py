@@ -115,7 +115,8 @@ def sync_driver_log() -> None:
             owner.sync()
 
 
-def _hms(seconds: float) -> str:
+def hms(seconds: float) -> str:
+    """``H:MM:SS`` (hours not wrapped at a day)."""
     seconds = max(0, int(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
@@ -144,12 +145,12 @@ class RunClock:
     def epoch_line(self, e: dict[str, Any]) -> str:
         self._epoch_seconds += e["seconds"]
         rate = e.get("examples_per_s") or 0.0
-        stage_eta = (e["epochs"] - e["epoch"]) * e["seconds"]
+        stage_eta = 0.0 if e.get("last") else (e["epochs"] - e["epoch"]) * e["seconds"]
         fixed = sum(self.fixed_costs) / len(self.fixed_costs) if self.fixed_costs else 0.0
         run_eta = stage_eta + (self.remaining_examples / rate if rate > 0 else 0.0) + fixed * self.remaining_fits
         metric = f"val {e['metric']} {e['value']:.4f}{' (best)' if e.get('improved') else ''}" if e.get("metric") else ""
         return (f"{e['task']}/{e['stage']}  epoch {e['epoch']}/{e['epochs']}  loss {e['loss']:.4f}  {metric}  "
-                f"{rate:,.0f} ex/s  ETA stage {_hms(stage_eta)}, run {_hms(run_eta)}")
+                f"{rate:,.0f} ex/s  ETA stage {hms(stage_eta)}, run {hms(run_eta)}")
 
 
 class EventChannel:

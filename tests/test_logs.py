@@ -40,3 +40,11 @@ def test_eta_counts_the_stage_the_later_stages_and_each_fits_fixed_cost():
                              "seconds": 10.0})
     # stage: 2 epochs x 10 s; run: 20 s + 10,000 / 100 ex/s + 3 fits x 25 s = 195 s
     assert line == "click/train  epoch 1/3  loss 0.5000  val mrr@5 0.1234 (best)  100 ex/s  ETA stage 0:00:20, run 0:03:15"
+
+
+def test_a_stage_that_ends_at_this_epoch_has_no_stage_eta_and_hours_do_not_wrap():
+    clock = RunClock()
+    clock.plan(remaining_examples=3_600_000, remaining_fits=0)
+    line = clock.epoch_line({"task": "pretrain", "stage": "train", "epoch": 1, "epochs": 10, "loss": 1.0,
+                             "examples_per_s": 10.0, "seconds": 50.0, "last": True})  # e.g. its --max-steps
+    assert line.endswith("ETA stage 0:00:00, run 100:00:00")

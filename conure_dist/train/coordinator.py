@@ -208,7 +208,8 @@ def _remaining_examples(exp: ExperimentConfig, info, steps) -> int:
         if planned.step in (Step.TRAIN, Step.RETRAIN):
             train = exp.task(planned.task).train
             epochs = train.epochs if planned.step is Step.TRAIN else train.retrain_epochs
-            total += epochs * info.task(planned.task).counts["train"]
+            examples = epochs * info.task(planned.task).counts["train"]
+            total += min(examples, train.max_steps * train.batch_size) if train.max_steps else examples
     return total
 
 

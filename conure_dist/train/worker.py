@@ -26,7 +26,7 @@ import torch.distributed as dist
 from conure_dist import storage
 from conure_dist.config import ExperimentConfig
 from conure_dist.eval.evaluate import MetricSums, evaluate_sums, main_metric
-from conure_dist.logs import send
+from conure_dist.logs import hms, send
 from conure_dist.model import ConureModel, OwnerMap, Stage
 from conure_dist.train.engine import DeepSpeedStepper, EngineSettings
 from conure_dist.train.loop import StageProgress, run_stage
@@ -154,7 +154,8 @@ def stage_worker(config: dict[str, Any]) -> None:
             open(fail_marker, "w").close()
             raise RuntimeError(f"injected failure at step {p.step}")
         if p.step % exp.cluster.log_every_steps == 0:
-            _progress_line(spec.name, stage, p, window, steps_per_epoch, epochs, micro_batch * world, rank, tb, events)
+            _progress_line(spec.name, stage, p, window, steps_per_epoch, epochs, micro_batch * world, rank, tb, events,
+                           train.max_steps)
         if exp.cluster.checkpoint_every_steps and p.step % exp.cluster.checkpoint_every_steps == 0:
             _report(stepper, p, best_box["w"], rank, {"step": p.step}, attempt)
 
@@ -171,7 +172,8 @@ def stage_worker(config: dict[str, Any]) -> None:
             metric = main_metric(spec, train.metric_k)
             send(events, {"kind": "epoch", "task": spec.name, "stage": stage.value, "epoch": p.epoch, "epochs": epochs,
                           "loss": last["loss"], "metric": metric, "value": last.get(f"val_{metric}", float("nan")),
-                          "improved": improved, "examples_per_s": last["examples_per_s"], "seconds": last["seconds"]})
+                          "improved": improved, "examples_per_s": last["examples_per_s"], "seconds": last["seconds"],
+                          "last": p.finished(epochs)})
             if tb is not None:
                 for k, v in last.items():
                     if k != "epoch":
@@ -258,14 +260,15 @@ def _tensorboard(config: dict[str, Any], rank: int):
     return _TensorBoard(config["tensorboard_dir"])
 
 
-def _progress_line(task, stage, p, window, steps_per_epoch, epochs, global_batch, rank, tb, events) -> None:
+def _progress_line(task, stage, p, window, steps_per_epoch, epochs, global_batch, rank, tb, events,
+                   max_steps: int = 0) -> None:
     if rank != 0 or window["n"] == 0:
         return
     now = time.perf_counter()
     rate = (p.step - window["step"]) / max(now - window["t"], 1e-9)
     loss = window["loss"] / window["n"]
-    remaining = max(0, epochs * steps_per_epoch - p.step)
-    eta = time.strftime("%H:%M:%S", time.gmtime(remaining / rate)) if rate > 0 else "?"
+    remaining = max(0, (min(epochs * steps_per_epoch, max_steps) if max_steps else epochs * steps_per_epoch) - p.step)
+    eta = hms(remaining / rate) if rate > 0 else "?"
     _log(f"[{task}/{stage.value}] step {p.step} (epoch {p.epoch + 1}/{epochs}) loss {loss:.4f} "
          f"{rate:.2f} steps/s {rate * global_batch:.0f} ex/s ETA {eta} (at most)", events)
     if tb is not None:
