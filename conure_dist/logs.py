@@ -149,8 +149,9 @@ class RunClock:
         fixed = sum(self.fixed_costs) / len(self.fixed_costs) if self.fixed_costs else 0.0
         run_eta = stage_eta + (self.remaining_examples / rate if rate > 0 else 0.0) + fixed * self.remaining_fits
         metric = f"val {e['metric']} {e['value']:.4f}{' (best)' if e.get('improved') else ''}" if e.get("metric") else ""
+        wait = f"  waiting for data {100 * e['data_wait_s'] / e['train_s']:.0f} %" if e.get("train_s") else ""
         return (f"{e['task']}/{e['stage']}  epoch {e['epoch']}/{e['epochs']}  loss {e['loss']:.4f}  {metric}  "
-                f"{rate:,.0f} ex/s  ETA stage {hms(stage_eta)}, run {hms(run_eta)}")
+                f"{rate:,.0f} ex/s{wait}  ETA stage {hms(stage_eta)}, run {hms(run_eta)}")
 
 
 class EventChannel:

@@ -42,6 +42,23 @@ foreach Adam (before); and the exact softmax against sampled on a batch small en
 0.8), conv layers alone and with the 646K x 256 item embedding, against a float64 stable sort.
 
     python jobs/bench.py prune
+
+``backbone``: forward + backward of the project's masked NextItNet against a plain Conv2d
+NextItNet written here (the common way: ``[B, C, 1, L]`` view, ``ZeroPad2d``), fp32 and bf16
+autocast, interleaved; also the former conv1d layout and (``--compile``) torch.compile.
+
+    python jobs/bench.py backbone
+
+``scaling``: T1's train stage through Ray Data -> Ray Train -> DeepSpeed with 1 worker of N
+threads against N workers of 1 thread (same global batch and steps): examples/s, the share of
+step time spent waiting for data, start-up and peak memory per worker, from the manifest.
+
+    python jobs/bench.py scaling --data /tmp/conure-bench/ttl-small
+
+``all``: every benchmark above in turn into one JSON file (``--tiny``: each at a size that only
+proves it runs, as the tests do).
+
+    python jobs/bench.py all --out bench.json
 """
 
 from __future__ import annotations
@@ -646,6 +663,51 @@ def run_t1_step(args: argparse.Namespace) -> dict:
     return {"seconds_per_step": results}
 
 
+def run_scaling(args: argparse.Namespace) -> dict:
+    """T1's train stage through the real path (Ray Data -> Ray Train -> DeepSpeed) with 1 worker
+    of N threads against N workers of 1 thread, the same global batch and steps; examples/s and
+    the share of step time spent waiting for data come from the run's own manifest."""
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    import ray
+
+    from conure_dist.jobs.ttl import main as ttl_main
+    from conure_dist.train.rundir import RunDir
+
+    _dataset(args.data, args.preset)
+    # Logical CPUs: the workers' threads plus what Ray Data's tasks need next to them.
+    ray.init(address="local", num_cpus=2 * args.threads, logging_level=logging.WARNING, include_dashboard=False)
+    out = {}
+    try:
+        for workers in (1, args.threads):
+            run_dir = os.path.join(args.workdir, f"scaling-{workers}w")
+            argv = ["--data", args.data, "--tasks", args.task, "--run-dir", run_dir, "--new-run",
+                    "--workers", str(workers), "--cpus-per-worker", str(args.threads // workers),
+                    "--epochs", "1", "--retrain-epochs", "0", "--max-steps", str(args.steps),
+                    "--max-eval-rows", str(args.eval_rows), "--embed-dim", str(args.embed_dim)]
+            t = time.perf_counter()
+            if ttl_main(argv) != 0:
+                raise RuntimeError(f"the run {' '.join(argv)} failed")
+            wall = time.perf_counter() - t
+            stage = RunDir(run_dir).read_json("manifest.json")["stages"][f"{args.task}/train"]
+            epoch = stage["history"][0]
+            examples = epoch["examples_per_s"] * epoch["seconds"]  # the rows the stage's steps took
+            out[f"{workers} worker(s) x {args.threads // workers} thread(s)"] = row = {
+                "steps": stage["progress"]["step"], "examples": round(examples), "train_s": epoch["train_s"],
+                "examples_per_s": examples / epoch["train_s"], "data_wait_share": epoch["data_wait_s"] / epoch["train_s"],
+                "startup_s": stage.get("startup_s"), "stage_s": stage.get("fit_seconds"), "run_wall_s": wall,
+                "peak_rss_gib_per_worker": [b / 2**30 for b in stage.get("peak_rss_bytes", [])]}
+            print(f"{workers} worker(s) x {args.threads // workers} thread(s): {row['examples_per_s']:.1f} examples/s "
+                  f"over {row['steps']} steps, waiting for data {100 * row['data_wait_share']:.1f} % of step time, "
+                  f"start-up {row['startup_s']} s", flush=True)
+    finally:
+        ray.shutdown()
+    (one, many) = out.values()
+    print(f"{args.threads} workers / 1 worker: {many['examples_per_s'] / one['examples_per_s']:.2f}x examples/s "
+          f"(task {args.task!r} of {args.data}, f={args.embed_dim})")
+    return out
+
+
 def _reference_nextitnet(num_items: int, dim: int, kernel: int, dilations: tuple[int, ...]):
     """A plain PyTorch NextItNet written the common way (the goal's reference): ``nn.Conv2d``
     over a ``[B, C, 1, L]`` view with ``ZeroPad2d`` left padding, permuting around every layer."""
@@ -859,6 +921,16 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     bb.add_argument("--device", default="cpu")
     bb.add_argument("--compile", action="store_true", help="also torch.compile the project's backbone")
     bb.set_defaults(func=run_backbone)
+    sc = sub.add_parser("scaling", help="T1 stage examples/s: 1 worker x N threads vs N workers x 1 thread (real path)")
+    sc.add_argument("--data", default="/tmp/conure-bench/ttl-small", help="prepared dataset (generated if missing)")
+    sc.add_argument("--preset", default="ttl-small")
+    sc.add_argument("--task", default="pretrain")
+    sc.add_argument("--workdir", default="/tmp/conure-bench/scaling", help="run directories (outside the repo)")
+    sc.add_argument("--threads", type=int, default=2, help="CPU threads in all: one worker with them, or one each")
+    sc.add_argument("--steps", type=int, default=20)
+    sc.add_argument("--eval-rows", type=int, default=500)
+    sc.add_argument("--embed-dim", type=int, default=256)
+    sc.set_defaults(func=run_scaling)
     pr = sub.add_parser("prune", help="owner-map prune of the TTL model: selection vs a stable sort")
     pr.add_argument("--embed-dim", type=int, default=256)
     pr.add_argument("--repeat-dilations", type=int, default=4)
@@ -912,6 +984,8 @@ def all_benchmarks(workdir: str, tiny: bool) -> list[tuple[str, list[str]]]:
                           "--batch-size", "64", "--seq-len", "25", "--num-cpus", "2"]),
             ("batch-mix", ["--data", demo, "--task", "click", "--batch-size", "64", "--shuffle-rows", "500",
                            "--epochs", "1", "--num-cpus", "2"]),
+            ("scaling", ["--data", demo, "--preset", "demo", "--workdir", os.path.join(workdir, "scaling"),
+                         "--steps", "3", "--eval-rows", "50", "--embed-dim", "16"]),
         ]
     return [
         ("backbone", []),
@@ -923,6 +997,7 @@ def all_benchmarks(workdir: str, tiny: bool) -> list[tuple[str, list[str]]]:
         ("serve", ["--workdir", os.path.join(workdir, "serve"), "--repeats", "50"]),
         ("pipeline", ["--data", os.path.join(workdir, "ttl-small"), "--max-files", "3", "--epochs", "2"]),
         ("batch-mix", ["--data", demo, "--preset", "demo", "--task", "click", "--batch-size", "256"]),
+        ("scaling", ["--data", os.path.join(workdir, "ttl-small"), "--workdir", os.path.join(workdir, "scaling")]),
     ]
 
 

@@ -10,7 +10,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_PROCESS = ["backbone", "masks", "t1-step", "prune", "guard", "item-step"]
-WITH_RAY = ["serve", "pipeline", "batch-mix"]
+WITH_RAY = ["serve", "pipeline", "batch-mix", "scaling"]
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +61,7 @@ def test_ray_benchmarks_at_a_tiny_size(bench, tmp_path):
     assert readers == {("pyarrow", 1), ("pyarrow+pad", 1), ("ray", 1)}
     assert all(m["rows"] > 0 for m in r["pipeline"]["measurements"])
     assert r["batch-mix"]["stored order"]["batches"] > 0
+    one, two = r["scaling"].values()
+    for row in (one, two):
+        assert row["steps"] == 3 and row["examples_per_s"] > 0 and 0 <= row["data_wait_share"] <= 1
+    assert len(one["peak_rss_gib_per_worker"]) == 1 and len(two["peak_rss_gib_per_worker"]) == 2

@@ -101,6 +101,11 @@ def test_three_tasks_two_workers_no_forgetting_and_worker_retry(dataset, ray_clu
             assert s["status"] == "done" and s["completions"] == 1 and s["attempts"] == 1, (task, step, s)
     # The injected failure happened, and Ray Train retried the worker from its checkpoint.
     assert manifest["stages"]["click/train"]["progress"]["epoch"] == 2
+    # Each stage records every worker's peak memory and the driver's.
+    for key in ("pretrain/train", "age/retrain"):
+        s = manifest["stages"][key]
+        assert len(s["peak_rss_bytes"]) == 2 and all(100 * 2**20 < b < 64 * 2**30 for b in s["peak_rss_bytes"]), s
+        assert s["driver_peak_rss_bytes"] > 100 * 2**20
     # Capacity as configured: 30 %, then 0.2 * 70 % = 14 %, then 0.4 * 56 % = 22.4 %.
     cap = run.state.owners.capacity()
     assert cap.fraction(1) == pytest.approx(0.30, abs=2e-3)

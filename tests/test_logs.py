@@ -46,5 +46,6 @@ def test_a_stage_that_ends_at_this_epoch_has_no_stage_eta_and_hours_do_not_wrap(
     clock = RunClock()
     clock.plan(remaining_examples=3_600_000, remaining_fits=0)
     line = clock.epoch_line({"task": "pretrain", "stage": "train", "epoch": 1, "epochs": 10, "loss": 1.0,
-                             "examples_per_s": 10.0, "seconds": 50.0, "last": True})  # e.g. its --max-steps
-    assert line.endswith("ETA stage 0:00:00, run 100:00:00")
+                             "examples_per_s": 10.0, "seconds": 50.0, "last": True,  # e.g. its --max-steps
+                             "train_s": 40.0, "data_wait_s": 2.0})
+    assert line.endswith("10 ex/s  waiting for data 5 %  ETA stage 0:00:00, run 100:00:00")

@@ -166,3 +166,16 @@ def test_distinct_draws_give_the_softmax_of_every_draw():
     grad_every = torch.autograd.grad(every, model.heads["t1"].weight)[0]
     assert now.item() == pytest.approx(every.item(), rel=1e-5)
     torch.testing.assert_close(grad_now, grad_every, rtol=1e-4, atol=1e-6)
+
+
+def test_accidental_hits_are_every_matching_pair_repeats_included():
+    from conure_dist.train.losses import accidental_hits
+
+    sampled = torch.tensor([7, 3, 9, 3, 1, 7, 7])
+    targets = torch.tensor([3, 5, 7, 1, 3])
+    rows, cols = accidental_hits(sampled, targets)
+    got = sorted(zip(rows.tolist(), cols.tolist()))
+    want = sorted((r, c) for r in range(5) for c in range(7) if sampled[c] == targets[r])
+    assert got == want and len(want) == 8
+    empty = accidental_hits(torch.tensor([2, 4]), torch.tensor([1, 3]))
+    assert empty[0].numel() == 0 and empty[1].numel() == 0

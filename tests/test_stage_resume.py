@@ -116,6 +116,8 @@ def test_max_steps_ends_the_stage_inside_an_epoch_validated_and_a_resume_keeps_t
     assert progress.step == limit and progress.step_limited and progress.finished(3)
     assert progress.epoch == 2 and len(progress.history) == 2  # the cut epoch was validated and counted
     assert "val_mrr@5" in progress.history[-1]
+    for h in progress.history:  # the time spent waiting for batches is part of the steps' time
+        assert 0 <= h["data_wait_s"] <= h["train_s"] <= h["seconds"]
     limited = model.weights()
 
     # Stopped at a step before the limit and resumed: the same steps, then the same stop.

@@ -32,8 +32,9 @@ class ItemScorer(nn.Module):
         return torch.einsum("nd,nkd->nk", h, w) + b
 
     def score_shared(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Scores of every row of ``h`` [N, d] against the same labels [S] -> [N, S]."""
-        return h @ self.weight[labels].T + self.bias[labels]
+        """Scores of every row of ``h`` [N, d] against the same labels [S] -> [N, S] (one GEMM
+        with the bias)."""
+        return F.linear(h, self.weight[labels], self.bias[labels])
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Scores over the whole label space: [N, d] -> [N, num_labels] (one fused GEMM with the

@@ -20,7 +20,7 @@ import torch
 from conure_dist.config import ExperimentConfig, TaskPlan
 from conure_dist.model import OwnerMap, Stage, Weights
 from conure_dist.train.rundir import RunDir
-from conure_dist.train.worker import BEST_FILE, RESULT_FILE, evaluate_worker, stage_worker
+from conure_dist.train.worker import BEST_FILE, RESULT_FILE, evaluate_worker, peak_rss_bytes, stage_worker
 
 if TYPE_CHECKING:
     from conure_dist.train.manifest import Manifest
@@ -158,9 +158,10 @@ class RayExecutor:
             best = load_file(os.path.join(d, BEST_FILE))
             outcome = json.load(open(os.path.join(d, RESULT_FILE)))
         timing = outcome["timing"]
-        overhead = {}
+        overhead = {k: timing[k] for k in ("peak_rss_bytes", "peak_gpu_bytes") if k in timing}
+        overhead["driver_peak_rss_bytes"] = peak_rss_bytes()
         if timing.get("first_step") and timing.get("last_step"):
-            overhead = {"startup_s": round(timing["first_step"] - started, 2), "teardown_s": round(finished - timing["last_step"], 2)}
+            overhead.update(startup_s=round(timing["first_step"] - started, 2), teardown_s=round(finished - timing["last_step"], 2))
         self.manifest.stage_trained(f"{name}/{stage.value}", outcome["progress"], fit_seconds=round(finished - started, 2),
                                     checkpoint=result.checkpoint.path, **overhead)
         return best

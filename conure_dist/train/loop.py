@@ -15,6 +15,7 @@ uninterrupted one would have taken.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -68,6 +69,7 @@ class StageProgress:
     epoch_loss_sum: float = 0.0
     epoch_examples: int = 0
     epoch_seconds: float = 0.0
+    epoch_data_seconds: float = 0.0  # of epoch_seconds: waiting for the next batch
     history: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -138,11 +140,17 @@ def run_stage(
             break
         started = time.perf_counter()
         skip = progress.epoch_step  # batches a checkpoint inside this epoch had consumed
-        for index, batch in enumerate(train_batches(epoch)):
+        batches = iter(train_batches(epoch))
+        for index in itertools.count():
+            waiting = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
             if index < skip:
                 continue
             if max_steps and progress.step >= max_steps:
                 break
+            progress.epoch_data_seconds += time.perf_counter() - waiting
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             generator.manual_seed(step_seed(seed, epoch, index))
             loss = loss_fn(model, batch, generator)
@@ -176,9 +184,12 @@ def run_stage(
             "loss": progress.epoch_loss_sum / progress.epoch_step if progress.epoch_step else math.nan,
             "seconds": seconds,
             "examples_per_s": progress.epoch_examples / seconds if seconds > 0 else 0.0,
+            "train_s": progress.epoch_seconds,  # the steps and the waits for their batches, no validation
+            "data_wait_s": progress.epoch_data_seconds,
             **{f"val_{k}": float(v) for k, v in metrics.items()},
         })
         progress.epoch_step, progress.epoch_loss_sum, progress.epoch_examples, progress.epoch_seconds = 0, 0.0, 0, 0.0
+        progress.epoch_data_seconds = 0.0
         progress.stopped_early = progress.bad_epochs >= patience and progress.epoch < epochs
         progress.step_limited = bool(max_steps) and progress.step >= max_steps and progress.epoch < epochs
         if on_epoch_end is not None:

@@ -57,6 +57,28 @@ def _build_model(exp: ExperimentConfig, rundir: RunDir, config: dict[str, Any]) 
     return model, owners
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports ``ru_maxrss`` in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_memory(device: torch.device) -> dict[str, list[int]]:
+    """Every rank's peak resident memory (and peak GPU memory allocated, on GPUs), gathered."""
+    mine = [peak_rss_bytes()] + ([torch.cuda.max_memory_allocated(device)] if device.type == "cuda" else [])
+    t = torch.tensor(mine, dtype=torch.int64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        gathered = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, t)
+    else:
+        gathered = [t]
+    out = {"peak_rss_bytes": [int(g[0]) for g in gathered]}
+    if device.type == "cuda":
+        out["peak_gpu_bytes"] = [int(g[1]) for g in gathered]
+    return out
+
+
 def _allreduce_sums(sums: MetricSums, device: torch.device) -> MetricSums:
     t = sums.as_tensor().to(device)
     if dist.is_available() and dist.is_initialized():
@@ -156,7 +178,8 @@ def stage_worker(config: dict[str, Any]) -> None:
         if p.step % exp.cluster.log_every_steps == 0:
             _progress_line(spec.name, stage, p, window, steps_per_epoch, epochs, micro_batch * world, rank, tb, events,
                            train.max_steps)
-        if exp.cluster.checkpoint_every_steps and p.step % exp.cluster.checkpoint_every_steps == 0:
+        last_step = bool(train.max_steps) and p.step >= train.max_steps  # the epoch end follows at once
+        if exp.cluster.checkpoint_every_steps and p.step % exp.cluster.checkpoint_every_steps == 0 and not last_step:
             _report(stepper, p, best_box["w"], rank, {"step": p.step}, attempt)
 
     best_box = {"w": best}
@@ -167,19 +190,28 @@ def stage_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             vals = " ".join(f"{k[4:]}={v:.4f}" for k, v in last.items() if k.startswith("val_") and k != "val_count")
             print(f"[{spec.name}/{stage.value}] epoch {p.epoch}/{epochs} loss {last['loss']:.4f} "
-                  f"{last['examples_per_s']:.0f} ex/s {last['seconds']:.1f}s {vals}{' (best)' if improved else ''}",
+                  f"{last['examples_per_s']:.0f} ex/s {last['seconds']:.1f}s (waiting for data "
+                  f"{last['data_wait_s']:.1f}s of {last['train_s']:.1f}s of steps) {vals}{' (best)' if improved else ''}",
                   file=sys.stderr, flush=True)
             metric = main_metric(spec, train.metric_k)
             send(events, {"kind": "epoch", "task": spec.name, "stage": stage.value, "epoch": p.epoch, "epochs": epochs,
                           "loss": last["loss"], "metric": metric, "value": last.get(f"val_{metric}", float("nan")),
                           "improved": improved, "examples_per_s": last["examples_per_s"], "seconds": last["seconds"],
-                          "last": p.finished(epochs)})
+                          "last": p.finished(epochs), "train_s": last["train_s"], "data_wait_s": last["data_wait_s"]})
             if tb is not None:
                 for k, v in last.items():
                     if k != "epoch":
                         tb.add_scalar(f"epoch/{k}", v, p.epoch)
                 tb.flush()
-        _report(stepper, p, best_weights, rank, {"epoch": p.epoch, **{k: v for k, v in last.items()}}, attempt)
+        metrics = {"epoch": p.epoch, **{k: v for k, v in last.items()}}
+        if p.finished(epochs):
+            # The final checkpoint follows at once and holds the same state: no second copy of
+            # it (at TTL size each is ~6 GB). A failure in between resumes from the previous one.
+            import ray.train
+
+            ray.train.report(metrics)
+        else:
+            _report(stepper, p, best_weights, rank, metrics, attempt)
 
     if finished_before:
         return  # the stage had finished before the driver stopped: its last checkpoint is the result
@@ -194,6 +226,7 @@ def stage_worker(config: dict[str, Any]) -> None:
         )
     if best is None:
         best = stepper.fp32_weights()
+    timing.update(_peak_memory(device))
     # The final checkpoint is also the stage's result: best weights, progress and timings.
     _report(stepper, progress, best, rank, {"done": 1, "epoch": progress.epoch}, attempt,
             extra={RESULT_FILE: {"progress": progress.to_dict(), "timing": timing}}, name="final")
