@@ -691,7 +691,7 @@ def run_scaling(args: argparse.Namespace) -> dict:
             wall = time.perf_counter() - t
             stage = RunDir(run_dir).read_json("manifest.json")["stages"][f"{args.task}/train"]
             epoch = stage["history"][0]
-            examples = epoch["examples_per_s"] * epoch["seconds"]  # the rows the stage's steps took
+            examples = epoch["examples_per_s"] * epoch["seconds"]  # the rows the stage's steps took, all ranks
             out[f"{workers} worker(s) x {args.threads // workers} thread(s)"] = row = {
                 "steps": stage["progress"]["step"], "examples": round(examples), "train_s": epoch["train_s"],
                 "examples_per_s": examples / epoch["train_s"], "data_wait_share": epoch["data_wait_s"] / epoch["train_s"],

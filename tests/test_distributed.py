@@ -106,6 +106,12 @@ def test_three_tasks_two_workers_no_forgetting_and_worker_retry(dataset, ray_clu
         s = manifest["stages"][key]
         assert len(s["peak_rss_bytes"]) == 2 and all(100 * 2**20 < b < 64 * 2**30 for b in s["peak_rss_bytes"]), s
         assert s["driver_peak_rss_bytes"] > 100 * 2**20
+    # An epoch's examples are those of both workers: the whole (padded) train split.
+    from conure_dist.data.format import load_dataset_info
+
+    rows = load_dataset_info(exp.dataset).task("pretrain").counts["train"]
+    first = manifest["stages"]["pretrain/train"]["history"][0]
+    assert abs(first["examples_per_s"] * first["seconds"] - rows) <= 2, (first, rows)
     # Capacity as configured: 30 %, then 0.2 * 70 % = 14 %, then 0.4 * 56 % = 22.4 %.
     cap = run.state.owners.capacity()
     assert cap.fraction(1) == pytest.approx(0.30, abs=2e-3)

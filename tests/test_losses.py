@@ -179,3 +179,19 @@ def test_accidental_hits_are_every_matching_pair_repeats_included():
     assert got == want and len(want) == 8
     empty = accidental_hits(torch.tensor([2, 4]), torch.tensor([1, 3]))
     assert empty[0].numel() == 0 and empty[1].numel() == 0
+
+
+@pytest.mark.parametrize("mode", ["fp32", "autocast", "bf16 module"])
+def test_score_shared_adds_the_shift_in_fp32_in_every_precision(mode):
+    torch.manual_seed(0)
+    scorer, h = ItemScorer(8, 50), torch.randn(6, 8)
+    labels, shift = torch.tensor([3, 7, 1, 40]), torch.randn(4) * 5
+    want = h @ scorer.weight[labels].T + scorer.bias[labels] + shift
+    if mode == "bf16 module":
+        scorer, h = scorer.to(torch.bfloat16), h.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+        got = scorer.score_shared(h, labels, shift=shift)
+        unshifted = scorer.score_shared(h, labels)
+    assert got.dtype == torch.float32 and got.shape == (6, 4)
+    torch.testing.assert_close(got, want.detach(), rtol=0, atol=1e-5 if mode == "fp32" else 0.15)
+    torch.testing.assert_close(unshifted.float() + shift, got, rtol=0, atol=1e-5)

@@ -31,10 +31,15 @@ class ItemScorer(nn.Module):
             return (h * w).sum(-1) + b
         return torch.einsum("nd,nkd->nk", h, w) + b
 
-    def score_shared(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def score_shared(self, h: torch.Tensor, labels: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
         """Scores of every row of ``h`` [N, d] against the same labels [S] -> [N, S] (one GEMM
-        with the bias)."""
-        return F.linear(h, self.weight[labels], self.bias[labels])
+        with the bias), in fp32, plus ``shift`` [S] if given. In fp32 the shift joins the bias
+        of the GEMM (no extra pass over [N, S]); in lower precision it is added in fp32 after."""
+        low = h.dtype != torch.float32 or torch.is_autocast_enabled(h.device.type)
+        if shift is None or low:
+            scores = F.linear(h, self.weight[labels], self.bias[labels]).float()
+            return scores if shift is None else scores + shift[None, :]
+        return F.linear(h, self.weight[labels], self.bias[labels] + shift)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Scores over the whole label space: [N, d] -> [N, num_labels] (one fused GEMM with the

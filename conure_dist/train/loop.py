@@ -67,7 +67,7 @@ class StageProgress:
     # The epoch in progress (a checkpoint taken inside an epoch resumes from here).
     epoch_step: int = 0  # batches of epoch ``epoch`` already consumed
     epoch_loss_sum: float = 0.0
-    epoch_examples: int = 0
+    epoch_examples: int = 0  # rows of all ranks
     epoch_seconds: float = 0.0
     epoch_data_seconds: float = 0.0  # of epoch_seconds: waiting for the next batch
     history: list[dict[str, float]] = field(default_factory=list)
@@ -164,7 +164,9 @@ def run_stage(
             progress.step += 1
             progress.epoch_step = index + 1
             progress.epoch_loss_sum += value
-            progress.epoch_examples += int(batch["seq"].shape[0])
+            # Every rank takes an equal batch each step (the data config pads the split): the
+            # examples of the step are this rank's times the world size.
+            progress.epoch_examples += int(batch["seq"].shape[0]) * progress.world_size
             progress.epoch_seconds += time.perf_counter() - started
             started = time.perf_counter()
             if on_step is not None:

@@ -51,7 +51,7 @@ def sampled_softmax_loss(
     ``[rows, samples]`` comparison mask, one pass less over the largest tensor of the step.
     """
     true_logit = scorer.score(h, targets).float() - log_q_targets
-    logits = scorer.score_shared(h, sampled).float() - log_q_sampled[None, :]
+    logits = scorer.score_shared(h, sampled, shift=-log_q_sampled)
     rows, cols = accidental_hits(sampled, targets)
     logits[rows, cols] = float("-inf")
     return (torch.logaddexp(true_logit, torch.logsumexp(logits, dim=1)) - true_logit).mean()
