@@ -8,6 +8,7 @@ import os
 import tempfile
 from collections import Counter
 
+import pyarrow.parquet as pq
 import pytest
 
 from conure_dist.data.pipeline import load_split_batches, read_split_table
@@ -200,11 +201,12 @@ def test_max_rows_keeps_the_first_rows_of_an_evaluation_split_in_both_engines(in
     """``--max-eval-rows``: the Ray dataset and the in-process batches hold the same first rows."""
     from conure_dist.data.pipeline import split_dataset, split_size
 
-    task, limit = "click", 25
+    task, limit = "click", 45  # past the first file of the split
     batches = load_split_batches(info, task, "test", 10, 8, max_rows=limit)
     local = [int(u) for b in batches for u in b["user"]]
     ds = split_dataset(info, task, "test", seed=0, cache_below_bytes=0, max_rows=limit)
     assert [int(r["user"]) for r in ds.iter_rows()] == local == read_split_table(info, task, "test")["user"].to_pylist()[:limit]
+    assert pq.ParquetFile(info.split_files(task, "test")[0]).metadata.num_rows < limit
     assert split_size(info, task, "test", limit).rows == limit
     assert split_size(info, task, "test").rows == info.task(task).counts["test"] > limit
     with pytest.raises(ValueError, match="evaluation splits only"):

@@ -16,8 +16,14 @@ def test_sampled_softmax_with_whole_vocabulary_equals_full_softmax():
     h, targets = torch.randn(9, 6), torch.randint(1, 21, (9,))
     everything = torch.arange(1, 21)
     zeros = torch.zeros(20)
+    h.requires_grad_(True)
     sampled = sampled_softmax_loss(h, targets, scorer, everything, zeros, torch.zeros(9))
-    assert sampled.item() == pytest.approx(full_softmax_loss(h, targets, scorer).item(), rel=1e-6)
+    full = full_softmax_loss(h, targets, scorer)
+    assert sampled.item() == pytest.approx(full.item(), rel=1e-6)
+    # And the gradients (the hits set to -inf in place must not leak into them).
+    for got, want in zip(torch.autograd.grad(sampled, (h, scorer.weight), retain_graph=True),
+                         torch.autograd.grad(full, (h, scorer.weight), retain_graph=True)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # A constant log-Q (uniform sampling of the whole vocabulary) cancels out too.
     const = torch.full((20,), math.log(3.0))
     assert sampled_softmax_loss(h, targets, scorer, everything, const, torch.full((9,), math.log(3.0))).item() == pytest.approx(sampled.item(), rel=1e-6)

@@ -198,3 +198,18 @@ def test_smoke_test_settings_are_named_in_the_reports_and_the_log(tmp_path, caps
     assert "max_eval_rows=15" in notice and "pretrain: 2, age: 2" in notice
     assert "NOTE: smoke-test settings cut this run short" in capsys.readouterr().out
     assert json.loads((run_dir / "manifest.json").read_text())["settings"]["max_eval_rows"] == 15
+
+
+def test_a_run_written_before_the_smoke_test_settings_resumes_with_their_defaults(dataset, tmp_path):
+    exp = experiment(dataset)
+    first = open_run(exp, str(tmp_path / "run"))
+    rundir = RunDir(str(tmp_path / "run"))
+    manifest = rundir.read_json("manifest.json")
+    old = {k: v for k, v in manifest["settings"].items() if k != "max_eval_rows" and not k.endswith(".max_steps")}
+    assert len(old) < len(manifest["settings"])
+    manifest["settings"] = old
+    rundir.write_json("manifest.json", manifest)
+    again = open_run(exp, str(tmp_path / "run"))  # the defaults: what the older run had in effect
+    assert again.manifest.data["run_id"] == first.manifest.data["run_id"]
+    with pytest.raises(RunDirError, match="max_eval_rows"):
+        open_run(dataclasses.replace(exp, max_eval_rows=10), str(tmp_path / "run"))

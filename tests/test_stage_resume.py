@@ -126,7 +126,7 @@ def test_max_steps_ends_the_stage_inside_an_epoch_validated_and_a_resume_keeps_t
     stepper = TorchStepper(model.trainable_parameters(), CFG)
 
     def on_step(p, loss):
-        if p.step == 3:
+        if p.step == steps_per_epoch + 1:  # inside the epoch the limit cuts
             saved.update(model=copy.deepcopy(model.state_dict()), opt=copy.deepcopy(stepper.optimizer.state_dict()),
                          progress=copy.deepcopy(p))
             raise Stop

@@ -142,14 +142,14 @@ def run_stage(
         skip = progress.epoch_step  # batches a checkpoint inside this epoch had consumed
         batches = iter(train_batches(epoch))
         for index in itertools.count():
+            if max_steps and progress.step >= max_steps:
+                break
             waiting = time.perf_counter()
             batch = next(batches, None)
             if batch is None:
                 break
             if index < skip:
                 continue
-            if max_steps and progress.step >= max_steps:
-                break
             progress.epoch_data_seconds += time.perf_counter() - waiting
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             generator.manual_seed(step_seed(seed, epoch, index))

@@ -53,15 +53,31 @@ def result_settings(exp: ExperimentConfig, digest: str) -> dict[str, Any]:
     return out
 
 
+# Settings added after runs were first written, with the value an older run had in effect: a
+# manifest without them resumes when the new value is that one.
+ADDED_SETTINGS = {"max_eval_rows": 0, "tasks.*.train.max_steps": 0}
+
+
+def _added_default(key: str) -> Any:
+    parts = key.split(".")
+    for pattern, value in ADDED_SETTINGS.items():
+        p = pattern.split(".")
+        if len(p) == len(parts) and all(a == "*" or a == b for a, b in zip(p, parts)):
+            return value
+    return "(not set)"
+
+
 def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any], tasks: Sequence[str]) -> list[tuple[str, Any, Any]]:
     """``(setting, old, new)`` for each setting that differs; only tasks in ``tasks`` are compared
-    (tasks added to a run have no old settings)."""
+    (tasks added to a run have no old settings). A setting that an older run's manifest lacks
+    (:data:`ADDED_SETTINGS`) counts as its value then."""
     def compared(key: str) -> bool:
         return not key.startswith("tasks.") or key.split(".")[1] in tasks
 
     keys = sorted(k for k in set(old) | set(new) if compared(k))
     missing = "(not set)"
-    return [(k, old.get(k, missing), new.get(k, missing)) for k in keys if old.get(k, missing) != new.get(k, missing)]
+    rows = [(k, old.get(k, _added_default(k)), new.get(k, missing)) for k in keys]
+    return [(k, o, n) for k, o, n in rows if o != n]
 
 
 def format_diff(rows: Sequence[tuple[str, Any, Any]]) -> str:
