@@ -110,7 +110,8 @@ def test_the_cluster_readme_example_on_s3_with_a_kill_and_a_resume(s3_server, tm
     # The console: stage lines, no worker output, the tables and report paths last.
     out = second.stdout
     assert "(RayTrainWorker" not in out and "SplitCoordinator" not in out
-    assert re.search(r"click/retrain  epoch 1/1  loss [0-9.]+  val mrr@5 [0-9.]+.*ex/s  ETA stage", out)
+    assert re.search(r"click/retrain  epoch 1/1  loss [0-9.]+  val mrr@5 [0-9.]+.*ex/s  waiting for data [0-9]+ %  ETA stage",
+                     out)
     tail = out.strip().splitlines()
     assert tail[-1].startswith("reports: ") and f"{run_dir}/reports/accuracy_matrix.csv" in tail[-1]
     assert any(line.startswith("accuracy matrix") for line in tail[-10:])
