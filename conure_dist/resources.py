@@ -58,8 +58,8 @@ ACTIVATIONS_OUTSIDE_LAYERS = 3
 LAYERNORM_STATS_BYTES = 2 * FP32_BYTES
 # Copies of the logits matrix alive at the peak of T1's loss (train/losses.py computes it in
 # fp32): the masked/concatenated logits, the log-softmax saved for backward, and two gradients
-# in backward; plus the accidental-hit mask (bool, saved by masked_fill) and, in bf16, the
-# matmul output before ``.float()``.
+# in backward; in bf16 also the matmul output before ``.float()``. Accidental hits are found by
+# a search over the sorted sample and set in place (no [rows, samples] mask).
 FP32_LOGIT_COPIES = 4
 BOOL_BYTES = 1
 # Evaluation ranks against every candidate (eval/evaluate.py): scores in the module dtype, their
@@ -412,7 +412,7 @@ def _device_components(i: SizingInputs) -> tuple[dict[str, int], dict[str, int]]
     # batch, each distinct item scored once), plus the gathered output rows of the sampled
     # items and of the targets, each with its gradient. Later tasks: [batch, |Y|] (an upper
     # bound for BPR, which scores fewer).
-    logit_bytes = FP32_LOGIT_COPIES * FP32_BYTES + BOOL_BYTES + (lp if i.precision == "bf16" else 0)
+    logit_bytes = FP32_LOGIT_COPIES * FP32_BYTES + (lp if i.precision == "bf16" else 0)
     if i.task_kind == "sequence":
         rows = i.micro_batch * (i.seq_len - 1)
         gathered = (i.distinct_sampled + rows) * i.embed_dim * lp * 2

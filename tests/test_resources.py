@@ -49,15 +49,15 @@ def test_tiny_t1_fp32_cpu_zero0_by_hand():
         "activations": 6 * 4 * 12 * 4 + 6 * 2 * 8,
         # rows 2*(3-1) = 4 x 4 negatives x (4 fp32 copies + bool mask);
         # gathered output rows (4 negatives + 4 targets) * f * 4 B, value and gradient
-        "sampled_softmax_logits": 4 * 4 * 17 + (4 + 4) * 4 * 4 * 2,
+        "sampled_softmax_logits": 4 * 4 * 16 + (4 + 4) * 4 * 4 * 2,  # 4 fp32 copies, no mask
         # test eval: 4 * 2 rows x 10 candidates x (4 + 4 + 1) B = 720 < activations + logits
         "evaluation_headroom": 0,
     }
     tensors = sum(expected.values())
-    assert tensors == 6976
-    expected["framework_overhead"] = GiB + 697  # process + 10 % allocator slack
+    assert tensors == 6960
+    expected["framework_overhead"] = GiB + 696  # process + 10 % allocator slack
     assert plan.components == expected
-    assert plan.total_bytes == 6976 + 697 + GiB
+    assert plan.total_bytes == 6960 + 696 + GiB
     # CPU worker: everything above plus checkpoint staging (params + optimizer state),
     # rounded up to whole MiB.
     staging = 160 + 200 + 480 + 100 + 1680
@@ -92,11 +92,11 @@ def test_tiny_item_task_bf16_gpu_zero2_by_hand():
         # global batch 2 on 2 workers: 1 row x seq 3 = 3 positions per worker
         "activations": 3 * 4 * 12 * 2 + 3 * 2 * 8,
         # [1 row, |Y| = 5] x (4 fp32 copies + bool + the bf16 matmul output)
-        "head_logits": 1 * 5 * (16 + 1 + 2),
-        "evaluation_headroom": 0,  # 4 * 2 rows x 5 labels x 7 B = 280 < 336 + 95
+        "head_logits": 1 * 5 * (16 + 2),
+        "evaluation_headroom": 0,  # 4 * 2 rows x 5 labels x 7 B = 280 < 336 + 90
     }
-    assert sum(expected.values()) == 3323
-    expected["framework_overhead"] = GiB + 332
+    assert sum(expected.values()) == 3318
+    expected["framework_overhead"] = GiB + 331
     assert plan.components == expected
     # GPU worker RAM: 2 GiB process + staging (params 470 + master 244 + Adam 488) -> 2049 MiB
     assert plan.resources == {"CPU": 4.0, "GPU": 1.0, "memory": float(2049 * MiB)}
@@ -156,10 +156,10 @@ def test_prune_embedding_adds_owner_map_and_trainable_embedding():
 
 def test_evaluation_headroom_when_full_ranking_outgrows_training():
     plan = plan_worker(replace(TINY, num_items=999, sample_ratio=0.01))
-    # train: activations 1248 + logits 4 rows x 10 negatives x 17 B + (10 + 4) * 4 * 4 * 2
+    # train: activations 1248 + logits 4 rows x 10 negatives x 16 B + (10 + 4) * 4 * 4 * 2
     # eval: 4 * 2 rows x 1000 candidates x (4 + 4 + 1) B
-    assert plan.components["sampled_softmax_logits"] == 680 + 448
-    assert plan.components["evaluation_headroom"] == 72_000 - (1248 + 680 + 448)
+    assert plan.components["sampled_softmax_logits"] == 640 + 448
+    assert plan.components["evaluation_headroom"] == 72_000 - (1248 + 640 + 448)
 
 
 def test_workers_split_the_global_batch():
