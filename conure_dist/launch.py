@@ -29,7 +29,7 @@ QUIET_ENV = {
 
 # Named options -> config keys (see conure_dist/runconfig.py); applied over the config files.
 OPTION_KEYS = {
-    "data": "data", "run_dir": "run_dir", "raw": "source.raw", "method": "method", "seed": "seed",
+    "data": "data", "run_dir": "run_dir", "raw": "source.raw", "skip_bad": "source.skip_bad", "method": "method", "seed": "seed",
     "embed_dim": "model.embed_dim", "backbone": "model.backbone", "seq_len": "seq_len",
     "shuffle_buffer": "shuffle_buffer_rows", "max_eval_rows": "max_eval_rows", "first_batch_size": "first_task.batch_size",
     "workers": "cluster.num_workers", "cpus_per_worker": "cluster.cpus_per_worker",
@@ -61,6 +61,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, preset: str) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--data", help="prepared dataset: directory or URI (s3://, gs://) made by conure-dist prepare")
     data.add_argument("--tasks", help="comma-separated task order (default: the dataset's order); T1 first")
+    data.add_argument("--skip-bad", action="store_true", default=None,
+                      help="when raw inputs are prepared into RUN_DIR/data: skip bad lines (counted) instead of stopping")
     run = parser.add_argument_group("run")
     run.add_argument("--run-dir", help="run directory: local path or URI (s3://, gs://); rerun to resume")
     run.add_argument("--new-run", action="store_true", help="start over in --run-dir even if it holds a run")
@@ -131,13 +133,24 @@ def _floats(text: str, option: str) -> list[float]:
         raise ConfigError(f"{option}: comma-separated numbers expected, got {text!r}") from e
 
 
+def _ratios(text: str) -> list[float]:
+    """``--ratios``: each value strictly between 0 and 1 (checked before their count, which
+    needs the dataset's tasks)."""
+    ratios = _floats(text, "--ratios")
+    bad = [r for r in ratios if not 0.0 < r < 1.0]
+    if bad or not ratios:
+        raise ConfigError(f"--ratios {text}: each prune ratio must lie strictly between 0 and 1"
+                          + (f"; got {bad}" if bad else ""))
+    return ratios
+
+
 def command_line_updates(args: argparse.Namespace, cfg) -> list[tuple[str, Any]]:
     """``(config key, value)`` for each named option given on the command line."""
     updates = [(key, getattr(args, name)) for name, key in OPTION_KEYS.items() if getattr(args, name, None) is not None]
     if getattr(args, "tasks", None):
         updates.append(("task_order", [t.strip() for t in args.tasks.split(",") if t.strip()]))
     if getattr(args, "ratios", None):
-        updates.append(("prune_ratios", _floats(args.ratios, "--ratios")))
+        updates.append(("prune_ratios", _ratios(args.ratios)))
     if getattr(args, "batch_size", None) is not None:
         updates.append(("later_tasks.batch_size", args.batch_size))
     for name, key in EVERY_TASK_KEYS.items():
@@ -286,8 +299,15 @@ def connect_ray(num_cpus_hint: int | None = None, *, worker_output: bool = False
     DataContext.get_current().enable_progress_bars = False
 
 
+SOURCE_RECORD = "prepared-from.json"  # in RUN_DIR/data: what it was prepared from
+
+
 def prepared_dataset(rc) -> str:
-    """The run's prepared dataset: ``data``, or RUN_DIR/data prepared from ``source`` on first use."""
+    """The run's prepared dataset: ``data``, or RUN_DIR/data prepared from ``source`` on first use.
+    What it was prepared from is recorded next to it; a rerun that names other raw inputs is
+    refused rather than silently given the old data."""
+    import json
+
     from conure_dist import storage
     from conure_dist.data.format import METADATA_FILE
 
@@ -302,21 +322,37 @@ def prepared_dataset(rc) -> str:
     if not rc.run_dir:
         raise ConfigError("--run-dir is required (the prepared dataset is kept in RUN_DIR/data)")
     dataset = storage.join(rc.run_dir, "data")
+    wanted = {"kind": kind, "raw": rc.source.raw if kind != "synthetic" else None,
+              "preset": rc.source.preset if kind == "synthetic" else None,
+              "seed": rc.seed if kind == "synthetic" else 0, "skip_bad": bool(rc.source.skip_bad)}
+    record = storage.join(dataset, SOURCE_RECORD)
     if storage.exists(storage.join(dataset, METADATA_FILE)):
+        if storage.exists(record):  # datasets prepared before the record was kept have none
+            had = json.loads(storage.read_bytes(record))
+            changed = {k: (had.get(k), v) for k, v in wanted.items() if had.get(k) != v}
+            if changed:
+                raise ConfigError(
+                    f"{dataset} was prepared from other inputs: "
+                    + ", ".join(f"source.{k} {o!r} -> {n!r}" for k, (o, n) in changed.items())
+                    + "; give the same ones, another --run-dir, or --data for a dataset prepared elsewhere")
         return dataset
     # No dataset.json: nothing was published there, so whatever is left is a failed attempt.
     if kind == "synthetic":
         from conure_dist.data.synthetic import prepare_synthetic
 
         prepare_synthetic(rc.source.preset, dataset, seed=rc.seed, overwrite=True)
+        report = {}
     elif kind == "ttl":
         from conure_dist.data.ttl import TTLOptions, prepare_ttl
 
-        prepare_ttl(rc.source.raw, dataset, TTLOptions(overwrite=True))
+        _, report = prepare_ttl(rc.source.raw, dataset, TTLOptions(overwrite=True, skip_bad=rc.source.skip_bad))
     else:
         from conure_dist.data.movielens import MovieLensOptions, prepare_movielens
 
-        prepare_movielens(rc.source.raw, dataset, MovieLensOptions(overwrite=True))
+        _, report = prepare_movielens(rc.source.raw, dataset, MovieLensOptions(overwrite=True, skip_bad=rc.source.skip_bad))
+    if report.get("skipped", "skipped rows: none") != "skipped rows: none":
+        print(f"prepared {dataset} from {rc.source.raw}, {report['skipped']}")
+    storage.write_bytes(record, json.dumps(wanted, indent=1).encode())
     return dataset
 
 
@@ -332,7 +368,14 @@ def run_from_args(args: argparse.Namespace, preset: str) -> int:
     shipped = list(runconfig.load_config(args.preset or preset).tasks)
 
     def experiment(dataset: str) -> ExperimentConfig:
-        return build_experiment(rc, dataset, shipped)
+        from conure_dist.data.format import check_shards, load_dataset_info
+
+        exp = build_experiment(rc, dataset, shipped)
+        if getattr(args, "ratios", None) and len(rc.prune_ratios) != len(exp.tasks):
+            raise ConfigError(f"--ratios: {len(rc.prune_ratios)} prune ratios for {len(exp.tasks)} tasks "
+                              f"({', '.join(t.spec.name for t in exp.tasks)}); give one per task")
+        check_shards(load_dataset_info(exp.dataset))
+        return exp
 
     config_yaml = runconfig.to_yaml(cfg)
     if args.print_config:
@@ -377,7 +420,7 @@ def run_from_args(args: argparse.Namespace, preset: str) -> int:
             log.info("NOTE: smoke-test settings cut this run short, so these are not the tasks' metrics: "
                      + "; ".join(exp.smoke_settings()))
         log.info("reports: " + ", ".join(run.rundir.storage_uri(p) for p in
-                                          ("reports/accuracy_matrix.csv", "reports/floors.csv",
+                                          ("reports/STATUS.txt", "reports/accuracy_matrix.csv", "reports/floors.csv",
                                            "reports/capacity.txt", "config.yaml",
                                            "logs/driver.log")))
     return 0
@@ -420,9 +463,26 @@ def dry_run_report(exp: ExperimentConfig, gpu_memory: int | None) -> str:
             lines.append(f"warning: task {t.spec.name}: global batch {t.train.batch_size} over {workers} workers "
                          f"is a micro-batch of {micro} per worker (< {SMALL_MICRO_BATCH}); raise its batch_size "
                          f"(first_task.batch_size / later_tasks.batch_size) or use fewer workers.")
+    lines += capacity_plan_lines(exp)
     plan = resource_plan(exp, gpu_memory)
     lines.append(plan.table())
     return "\n".join(lines)
+
+
+def capacity_plan_lines(exp: ExperimentConfig) -> list[str]:
+    """The planned share of the prunable backbone of each task (methods that prune), a warning
+    for each later task left less than MIN_FREE_FRACTION of it, and the refusal a real run would
+    end with when a task would find no free weight at all."""
+    from conure_dist.train.capacity import capacity_plan_table, capacity_warnings, check_capacity, plan_capacity
+
+    if not METHODS[exp.method].masking:
+        return []
+    try:
+        check_capacity(exp)
+    except ConfigError as e:
+        return [f"error: the run would be refused: {e}"]
+    rows = plan_capacity(exp)
+    return ["capacity plan (share of the prunable backbone):", capacity_plan_table(rows), *capacity_warnings(rows)]
 
 
 def run_in_process_job(exp: ExperimentConfig) -> int:
@@ -483,9 +543,13 @@ def floors_of(exp: ExperimentConfig) -> dict[str, tuple[str, float]]:
 
 
 def main_guard(fn, argv: Sequence[str] | None = None) -> int:
-    """Run ``fn(argv)``; a bad option or run directory ends with a one-line message, exit 2;
-    a stage that failed (non-finite loss, workers' errors after retries) or storage that cannot
-    be reached, with its error, exit 1."""
+    """Run ``fn(argv)``; a bad option, config or run directory ends with a one-line message,
+    exit 2; bad data (raw inputs: ``file:line: reason``; a damaged prepared dataset), a stage
+    that failed (non-finite loss, workers' errors after retries) or storage that cannot be
+    reached, with its error, exit 1. Never a traceback for these."""
+    import pyarrow as pa
+
+    from conure_dist.data.badinput import BadInputError
     from conure_dist.data.format import DatasetFormatError
     from conure_dist.model import FrozenWeightsChanged
     from conure_dist.train.executor import StageFailed
@@ -495,11 +559,14 @@ def main_guard(fn, argv: Sequence[str] | None = None) -> int:
 
     try:
         return fn(argv)
-    except (ConfigError, RunDirError, DatasetFormatError, ModelFileError) as e:
+    except (ConfigError, RunDirError, ModelFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (StageFailed, NonFiniteLoss, FrozenWeightsChanged) as e:
+    except (BadInputError, DatasetFormatError, StageFailed, NonFiniteLoss, FrozenWeightsChanged) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (UnicodeDecodeError, pa.ArrowException) as e:  # data read outside the converters' checks
+        print(f"error: unreadable data: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # storage: a path or bucket that cannot be read or written (details in the log file)
         print(f"error: {e}", file=sys.stderr)

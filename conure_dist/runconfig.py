@@ -90,6 +90,7 @@ class SourceSettings:
     kind: str = "none"  # none | synthetic | ttl | movielens
     raw: Optional[str] = None  # directory or URI of the raw files (ttl, movielens)
     preset: str = "demo"  # synthetic: demo | ttl-small | ttl
+    skip_bad: bool = False  # ttl, movielens: skip bad lines (counted) instead of stopping
 
 
 @dataclass
@@ -226,6 +227,9 @@ def to_run_config(cfg) -> RunConfig:
 def check_source(rc: RunConfig) -> None:
     if rc.source.kind not in SOURCE_KINDS:
         raise ConfigError(f"source.kind: one of {SOURCE_KINDS}, got {rc.source.kind!r}")
+    if rc.data and rc.source.raw:
+        raise ConfigError(f"data (--data {rc.data}) and source.raw (--raw {rc.source.raw}) are both set; "
+                          "give a prepared dataset or raw inputs, not both")
 
 
 def train_config(rc: RunConfig, name: str, position: int, seed: int) -> tuple[TrainConfig, dict]:

@@ -75,11 +75,20 @@ def write_bytes(path: str, data: bytes) -> None:
             out.write(data)
         return
     tmp = f"{inner}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, inner)
+    try:
+        with open(tmp, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, inner)
+    except BaseException:
+        # A full or failing disk: no partial temporary file left to fill it further. The file
+        # under its own name is untouched (the previous version, or none).
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def kind(path: str) -> pafs.FileType:

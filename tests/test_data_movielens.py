@@ -1,6 +1,7 @@
 """MovieLens converter on tiny hand-written 100K and 1M layouts, and every bad-input case."""
 
 import os
+import re
 
 import pytest
 
@@ -83,6 +84,9 @@ def test_unknown_layout(tmp_path):
     ("1\tten\t3\t9", "non-integer field"),
     ("1\t10\t7\t9", "rating out of range"),
     ("", "empty line"),
+    ("-5\t10\t3\t9", r"id out of range \(user and movie ids start at 1\): user -5, movie 10"),
+    ("1\t0\t3\t9", r"id out of range \(user and movie ids start at 1\): user 1, movie 0"),
+    ("1\t10\t3\t-9", "negative timestamp"),
 ])
 def test_bad_rating_lines(tmp_path, bad_line, reason):
     raw = write_100k(tmp_path / "raw", extra_ratings=[bad_line, "3\t16\t1\t9"])
@@ -91,7 +95,7 @@ def test_bad_rating_lines(tmp_path, bad_line, reason):
         prepare_movielens(raw, str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
     info, report = prepare_movielens(raw, str(tmp_path / "out"), MovieLensOptions(skip_bad=True))
-    assert f"1  {reason}" in report["skipped"] and f"first at line {line_no}" in report["skipped"]
+    assert re.search(rf"1  {reason.split(':')[0]}", report["skipped"]) and f"first at line {line_no}" in report["skipped"]
     assert info.task("clicks").num_users == 3
 
 
@@ -101,6 +105,8 @@ def test_bad_rating_lines(tmp_path, bad_line, reason):
     ("2|x|F|other|94043", "non-integer field"),
     ("2|53|F|other", "malformed line"),
     ("3|18|F|writer|1", "duplicate user"),
+    ("0|53|F|other|94043", "id out of range"),
+    ("2|0|F|other|94043", "age out of range"),
     (None, "missing label"),  # user 3 has ratings but no profile line
 ])
 def test_bad_user_lines(tmp_path, user2, reason):
@@ -110,6 +116,12 @@ def test_bad_user_lines(tmp_path, user2, reason):
         prepare_movielens(raw, str(tmp_path / "out"))
     info, report = prepare_movielens(raw, str(tmp_path / "out"), MovieLensOptions(skip_bad=True))
     assert reason in report["skipped"]
+
+
+def test_an_empty_user_file_is_named(tmp_path):
+    raw = write_100k(tmp_path / "raw", users=[])
+    with pytest.raises(BadInputError, match=r"u.user: no usable user lines"):
+        prepare_movielens(raw, str(tmp_path / "out"), MovieLensOptions(skip_bad=True))
 
 
 def test_cli_exit_status_and_summary(tmp_path, capsys):

@@ -130,7 +130,7 @@ def test_three_tasks_two_workers_no_forgetting_and_worker_retry(dataset, ray_clu
         committed = serve(exp, rundir, f"state/weights-{task}-commit.safetensors", task, seq)
         assert torch.equal(committed, serve(exp, rundir, final, task, seq))
     csv = rundir.read_bytes("reports/accuracy_matrix.csv").decode().splitlines()
-    assert csv[0] == "after_task,task,metric,value" and len(csv) == 1 + len(rows)
+    assert csv[0] == "after_task,task,metric,value,status" and len(csv) == 1 + len(rows)
     assert os.listdir(rundir.path("tensorboard", "pretrain-train"))
 
 

@@ -99,7 +99,9 @@ def test_the_cluster_readme_example_on_s3_with_a_kill_and_a_resume(s3_server, tm
 
     # What the run directory holds, read back from the bucket.
     matrix = storage.read_bytes(f"{run_dir}/reports/accuracy_matrix.csv").decode().splitlines()
-    assert matrix[0] == "after_task,task,metric,value" and any(r.startswith("click,click,") for r in matrix)
+    assert matrix[0] == "after_task,task,metric,value,status" and any(r.startswith("click,click,") for r in matrix)
+    assert "pending" not in "\n".join(matrix)
+    assert storage.read_bytes(f"{run_dir}/reports/STATUS.txt").decode().startswith("complete: all 2 tasks committed")
     assert "task_order: [pretrain, click]" in storage.read_bytes(f"{run_dir}/config.yaml").decode()
     driver_log = storage.read_bytes(f"{run_dir}/logs/driver.log").decode()
     assert driver_log.count("run directory " + run_dir) == 2  # both drivers, one file

@@ -213,3 +213,22 @@ def test_a_run_written_before_the_smoke_test_settings_resumes_with_their_default
     assert again.manifest.data["run_id"] == first.manifest.data["run_id"]
     with pytest.raises(RunDirError, match="max_eval_rows"):
         open_run(dataclasses.replace(exp, max_eval_rows=10), str(tmp_path / "run"))
+
+
+def test_the_reports_of_an_unfinished_run_say_so_and_mark_the_missing_cells(dataset, tmp_path):
+    from conure_dist.train.coordinator import run_experiment, write_reports
+
+    run_dir = str(tmp_path / "run")
+    run_experiment(experiment(dataset, tasks=("pretrain",)), run_dir, in_process=True)
+    reports = tmp_path / "run" / "reports"
+    assert (reports / "STATUS.txt").read_text() == "complete: all 1 tasks committed (pretrain)\n"
+    matrix = (reports / "accuracy_matrix.csv").read_text().splitlines()
+    assert matrix[0] == "after_task,task,metric,value,status" and matrix[1].startswith("pretrain,pretrain,")
+    assert all(r.endswith(",measured") for r in matrix[1:])
+    # The same run with a task added, stopped before that task was committed.
+    run = open_run(experiment(dataset, tasks=("pretrain", "age")), run_dir, add_task=True, engine="in-process")
+    write_reports(run)
+    status = (reports / "STATUS.txt").read_text()
+    assert status.startswith("incomplete: 1 of 2 tasks committed (pretrain); not yet: age. Rerun the same command")
+    pending = [r for r in (reports / "accuracy_matrix.csv").read_text().splitlines() if r.endswith(",pending")]
+    assert pending == ["age,pretrain,mrr@5,,pending", "age,age,accuracy,,pending"]

@@ -1,7 +1,8 @@
 """``conure-dist prepare ttl|movielens|synthetic``: raw data -> the prepared-dataset format.
 
 Bad input stops the command with ``file:line: reason`` and exit status 1, unless
-``--skip-bad`` is given, in which case such rows are skipped and counted per reason. On
+``--skip-bad`` is given, in which case such rows are skipped and counted per reason; bad
+options stop it with exit status 2 before any input is read. On
 success a summary table (users, items, instances per task and split) is printed.
 """
 
@@ -44,6 +45,8 @@ def _common(p: argparse.ArgumentParser, raw: bool = True) -> None:
 
 def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``prepare`` and its three sources on an argparse subparsers object."""
+    from conure_dist.data.ttl import MAX_CLASSES, TOKEN_PATTERN
+
     prepare = subparsers.add_parser("prepare", help="convert raw data into a prepared dataset")
     sources = prepare.add_subparsers(dest="source", required=True)
 
@@ -51,6 +54,14 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
     _common(ttl)
     ttl.add_argument("--task", action="append", metavar="NAME=FILE:KIND", default=None,
                      help="a task, in order (repeat); default: the six TTL files. KIND: sequence|item|class")
+    ttl.add_argument("--token-pattern", default=TOKEN_PATTERN, metavar="REGEX",
+                     help=f"what an item token or label must be (full match; default {TOKEN_PATTERN}: integer ids)")
+    ttl.add_argument("--classes", action="append", default=None, metavar="NAME=A,B,...",
+                     help="the labels of class task NAME (repeat per task); other labels are bad lines")
+    ttl.add_argument("--max-classes", type=int, default=MAX_CLASSES,
+                     help=f"most distinct labels of a class task without --classes (default {MAX_CLASSES})")
+    ttl.add_argument("--allow-new-users", action="store_true",
+                     help="accept later-task sequences that match no first-task user (counted), instead of stopping")
 
     ml = sources.add_parser("movielens", help="MovieLens 100K or 1M (layout detected)")
     _common(ml)
@@ -69,9 +80,15 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
+    """Exit status 0, 2 for bad options, 1 for bad data (or storage that cannot be reached)."""
     try:
-        info, report = _convert(args)
-    except (BadInputError, DatasetFormatError, OSError, ValueError) as e:
+        convert = _converter(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        info, report = convert()
+    except (BadInputError, DatasetFormatError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_summary(info))
@@ -80,25 +97,30 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert(args: argparse.Namespace) -> tuple[DatasetInfo, dict]:
+def _converter(args: argparse.Namespace):
+    """The conversion the options ask for, as a callable; bad options raise ValueError here,
+    before any input is read."""
+    if args.rows_per_shard < 1:
+        raise ValueError(f"--rows-per-shard must be >= 1, got {args.rows_per_shard}")
     if args.source == "ttl":
         from conure_dist.data.ttl import DEFAULT_TASKS, TaskFile, TTLOptions, prepare_ttl
 
         tasks = tuple(TaskFile.parse(t) for t in args.task) if args.task else DEFAULT_TASKS
-        return prepare_ttl(args.raw, args.out, TTLOptions(tasks=tasks, seed=args.seed, skip_bad=args.skip_bad,
-                                                          rows_per_shard=args.rows_per_shard,
-                                                          overwrite=args.overwrite))
+        options = TTLOptions(tasks=tasks, seed=args.seed, skip_bad=args.skip_bad, rows_per_shard=args.rows_per_shard,
+                             overwrite=args.overwrite, token_pattern=args.token_pattern,
+                             allow_new_users=args.allow_new_users, max_classes=args.max_classes,
+                             classes=TTLOptions.parse_classes(args.classes))
+        return lambda: prepare_ttl(args.raw, args.out, options)
     if args.source == "movielens":
         from conure_dist.data.movielens import MovieLensOptions, prepare_movielens
 
-        return prepare_movielens(args.raw, args.out, MovieLensOptions(
-            max_clicks=args.max_clicks, min_clicks=args.min_clicks, seed=args.seed, skip_bad=args.skip_bad,
-            rows_per_shard=args.rows_per_shard, overwrite=args.overwrite))
+        options = MovieLensOptions(max_clicks=args.max_clicks, min_clicks=args.min_clicks, seed=args.seed,
+                                   skip_bad=args.skip_bad, rows_per_shard=args.rows_per_shard, overwrite=args.overwrite)
+        return lambda: prepare_movielens(args.raw, args.out, options)
     from conure_dist.data.synthetic import prepare_synthetic, resolve_config
 
     config = resolve_config(args.preset, num_users=args.num_users, num_items=args.num_items,
                             seq_len=args.seq_len, rows_per_shard=args.rows_per_shard)
     if args.seq_len is not None and config.min_seq_len > config.seq_len:
         config = resolve_config(config, min_seq_len=config.seq_len)
-    info = prepare_synthetic(config, args.out, args.seed, overwrite=args.overwrite)
-    return info, {"preset": args.preset}
+    return lambda: (prepare_synthetic(config, args.out, args.seed, overwrite=args.overwrite), {"preset": args.preset})

@@ -257,3 +257,38 @@ def load_dataset_info(path: str) -> DatasetInfo:
                 if rel not in present:
                     raise DatasetFormatError(f"{meta}: task {t.name!r} {split} shard {storage.join(path, rel)} is missing")
     return info
+
+
+def check_shards(info: DatasetInfo, threads: int = 8) -> None:
+    """Open every shard's Parquet footer: each must be readable, have its task's columns, and
+    the shards of a split must hold the rows ``dataset.json`` counts. A truncated or replaced
+    shard is named here, before any training starts, instead of failing inside a worker.
+    Footers are small (one read each, also on object storage)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+
+    def footer(path: str) -> tuple[int, list[str]]:
+        try:
+            fs, inner = storage.filesystem(path)
+            with fs.open_input_file(inner) as f:
+                meta = pq.ParquetFile(f).metadata
+                return meta.num_rows, list(meta.schema.to_arrow_schema().names)
+        except (pa.ArrowException, OSError) as e:
+            raise DatasetFormatError(f"{path}: not a readable Parquet file ({e}); prepare the dataset again") from None
+
+    shards = [(t, split, path) for t in info.tasks for split in SPLITS for path in info.split_files(t.name, split)]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        footers = list(pool.map(lambda s: footer(s[2]), shards))
+    rows: dict[tuple[str, str], int] = {}
+    for (t, split, path), (n, names) in zip(shards, footers):
+        expected = row_schema(t.kind).names
+        if names != expected:
+            raise DatasetFormatError(f"{path}: columns {names}, expected {expected} (task {t.name!r}, {t.kind})")
+        rows[(t.name, split)] = rows.get((t.name, split), 0) + n
+    for t in info.tasks:
+        for split in SPLITS:
+            if rows.get((t.name, split), 0) != t.counts[split]:
+                raise DatasetFormatError(
+                    f"{storage.join(info.path, METADATA_FILE)}: task {t.name!r} {split} counts {t.counts[split]} rows, "
+                    f"its shards hold {rows.get((t.name, split), 0)}; prepare the dataset again")

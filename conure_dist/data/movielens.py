@@ -53,7 +53,8 @@ class MovieLensOptions:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_clicks <= self.max_clicks:
-            raise ValueError(f"need 1 <= min_clicks <= max_clicks, got {self.min_clicks}, {self.max_clicks}")
+            raise ValueError(f"--min-clicks {self.min_clicks}, --max-clicks {self.max_clicks}: "
+                             "need 1 <= min-clicks <= max-clicks")
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,13 @@ def _read_ratings(layout: Layout, bad: BadRows) -> _Ratings:
             if not 1 <= rating <= 5:
                 bad.report(layout.ratings, no, "rating out of range 1..5", str(rating))
                 continue
+            if user < 1 or item < 1:
+                bad.report(layout.ratings, no, "id out of range (user and movie ids start at 1)",
+                           f"user {user}, movie {item}")
+                continue
+            if time < 0:
+                bad.report(layout.ratings, no, "negative timestamp", str(time))
+                continue
             out.user.append(user), out.item.append(item), out.rating.append(rating)
             out.time.append(time), out.line.append(no)
     if not out.user:
@@ -148,6 +156,12 @@ def _read_users(layout: Layout, bad: BadRows) -> dict[int, tuple[str, str, str, 
             except (ValueError, IndexError):
                 bad.report(layout.users, no, "non-integer field", repr(text))
                 continue
+            if user_id < 1:
+                bad.report(layout.users, no, "id out of range (user ids start at 1)", str(user_id))
+                continue
+            if not 1 <= age_value <= 120:
+                bad.report(layout.users, no, "age out of range 1..120", str(age_value))
+                continue
             if gender not in ("M", "F"):
                 bad.report(layout.users, no, "missing label", f"gender must be M or F, got {gender!r}")
                 continue
@@ -161,6 +175,9 @@ def _read_users(layout: Layout, bad: BadRows) -> dict[int, tuple[str, str, str, 
                 bad.report(layout.users, no, "duplicate user", f"user {user_id} first at line {profiles[user_id][3]}")
                 continue
             profiles[user_id] = (gender, _age_bucket(age_value), occupation.strip(), no)
+    if not profiles:
+        raise BadInputError(f"{layout.users}: no usable user lines (every user's gender, age and occupation "
+                            "come from this file)")
     return profiles
 
 

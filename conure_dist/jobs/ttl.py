@@ -35,6 +35,11 @@ def get_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = get_args(argv)
     args.argv, args.job = list(argv) if argv is not None else sys.argv[1:], "ttl"
+    if args.demo and (args.data or args.raw):
+        from conure_dist.config import ConfigError
+
+        raise ConfigError("--demo prepares its own synthetic dataset; it cannot be combined with "
+                          + ("--data" if args.data else "--raw-ttl"))
     return run_from_args(args, "demo" if args.demo else "ttl")
 
 

@@ -69,6 +69,14 @@ def trainable_mask(owner: torch.Tensor, task: int, stage: Stage) -> torch.Tensor
     return torch.zeros_like(owner, dtype=torch.bool)
 
 
+def kept_count(n_free: int, ratio: float) -> int:
+    """Entries a prune with ``ratio`` gives its task out of ``n_free`` free ones.
+
+    It depends on the count only, never on the weights' values, so the capacity of a whole
+    plan is known before any training (:mod:`conure_dist.train.capacity`)."""
+    return int(round((1.0 - float(ratio)) * n_free))
+
+
 def prune_free_weights(
     weight: torch.Tensor, owner: torch.Tensor, task: int, ratio: float
 ) -> torch.Tensor:
@@ -88,7 +96,7 @@ def prune_free_weights(
         raise ValueError(f"task {task} (or a later task) already owns weights: prune each task once")
     flat_owner = owner.reshape(-1)
     free_idx = torch.nonzero(flat_owner == 0, as_tuple=False).reshape(-1)
-    n_keep = int(round((1.0 - float(ratio)) * free_idx.numel()))
+    n_keep = kept_count(free_idx.numel(), ratio)
     if n_keep == 0:
         raise ValueError(
             f"pruning {free_idx.numel()} free weights with ratio {ratio} would leave task {task} "

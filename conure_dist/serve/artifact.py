@@ -78,11 +78,21 @@ def _read_json(path: str, what: str) -> dict:
     return data
 
 
-def _read_tensors(path: str) -> dict[str, torch.Tensor]:
+def _read_tensors(path: str, expected: str | None = None) -> dict[str, torch.Tensor]:
+    """A run's state file; ``expected``: the digest its manifest recorded (none in older runs)."""
+    from conure_dist.train.rundir import digest
+
     try:
-        return st_load(storage.read_bytes(path))
+        data = storage.read_bytes(path)
     except FileNotFoundError:
         raise ModelFileError(f"{path}: not found (the run directory is incomplete)") from None
+    if expected is not None and digest(data) != expected:
+        raise ModelFileError(f"{path}: checksum mismatch: the file changed since the run wrote it (damaged or "
+                             "truncated); restore it from a copy of the run directory")
+    try:
+        return st_load(data)
+    except Exception as e:  # safetensors' own error types
+        raise ModelFileError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def _kept(name: str, tasks: set[str]) -> bool:
@@ -130,24 +140,27 @@ class RunCommit:
     def file(self, rel: str) -> str:
         return storage.join(self.run_dir, rel)
 
+    def _state(self, rel: str) -> dict[str, torch.Tensor]:
+        return _read_tensors(self.file(rel), self.manifest.get("state_checksums", {}).get(rel))
+
     @property
     def commit_info(self) -> dict:
         return self.manifest["stages"].get(f"{self.as_of}/commit", {})
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return _read_tensors(self.file(f"state/weights-{self.as_of}-commit.safetensors"))
+        return self._state(f"state/weights-{self.as_of}-commit.safetensors")
 
     def owners(self) -> dict[str, torch.Tensor]:
         version = self.commit_info.get("owner_map_version")
         if version is None:
             raise ModelFileError(f"{self.run_dir}: the manifest does not record the owner map of {self.as_of}'s commit")
-        return _read_tensors(self.file(f"state/owners-v{version}.safetensors"))
+        return self._state(f"state/owners-v{version}.safetensors")
 
     def task_set(self, task: str) -> dict[str, torch.Tensor]:
         sets = self.manifest["state"].get("sets", {})
         if task not in sets:
             raise ModelFileError(f"{self.run_dir}: the manifest lists no weight set for task {task}")
-        return _read_tensors(self.file(sets[task]))
+        return self._state(sets[task])
 
     def metrics(self) -> dict[str, dict[str, float]]:
         """Each exported task's test metrics as evaluated at the commit of ``as_of``."""

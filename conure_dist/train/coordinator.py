@@ -19,6 +19,7 @@ from typing import Any
 from conure_dist.config import ConfigError, ExperimentConfig
 from conure_dist.eval.evaluate import main_metric
 from conure_dist.model import ConureModel, OwnerMap, Weights
+from conure_dist.train.capacity import check_capacity
 from conure_dist.train.executor import RayExecutor, StageFailed  # noqa: F401  (re-exported)
 from conure_dist.train.lock import LOCK_FILE, RunLock
 from conure_dist.train.machine import RunState, StageMachine
@@ -26,7 +27,7 @@ from conure_dist.train.manifest import (RESUME_FREE_CLUSTER, Manifest, dataset_d
                                         settings_diff, settings_fingerprint)
 from conure_dist.train.plan import Ledger, Step, get_method
 from conure_dist.train.runner import build_model, fresh_weights
-from conure_dist.train.rundir import FORMAT_VERSION, MANIFEST, RunDir, RunDirError, csv_text, now
+from conure_dist.train.rundir import FORMAT_VERSION, MANIFEST, RunDir, RunDirError, csv_text, damaged, digest, now
 
 
 def _log(line: str) -> None:
@@ -55,13 +56,16 @@ def open_run(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False, add_
     rundir = RunDir(run_dir)
     names = [t.spec.name for t in exp.tasks]
     settings = _settings(exp)
+    prunes = get_method(exp.method).masking
+    if prunes and (new_run or not rundir.exists(MANIFEST)):
+        check_capacity(exp)  # before anything is moved or written
     if rundir.exists(MANIFEST) and new_run:
         into = f"replaced/{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
         # The prepared dataset of --demo / raw inputs stays: it does not depend on the run.
         moved = rundir.move_aside(into, keep=("data", "replaced", LOCK_FILE))
         _log(f"--new-run: the previous run in {rundir.uri} was moved to {rundir.path(into)} ({', '.join(moved)})")
     if rundir.exists(MANIFEST):
-        data = rundir.read_json(MANIFEST)
+        data = _read_manifest(rundir)
         if data.get("format_version") != FORMAT_VERSION:
             raise RunDirError(f"{rundir.path(MANIFEST)}: format version {data.get('format_version')} is not "
                               f"{FORMAT_VERSION}; resume it with the version that made it, or pass --new-run")
@@ -87,15 +91,24 @@ def open_run(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False, add_
         data.setdefault("resumes", []).append({"time": now(), "changed": changed, "added_tasks": names[len(old):]})
         data.update(tasks=names, config=exp.to_dict(), settings=settings, fingerprint=settings_fingerprint(settings))
         manifest = Manifest(rundir, data)
+        sums = data.get("state_checksums", {})  # absent in manifests written before the checksums
+
+        def read(rel: str) -> Weights:
+            return rundir.read_state_tensors(rel, sums.get(rel))
+
         state = RunState(
-            weights=rundir.read_tensors(data["state"]["weights"]),
-            owners=OwnerMap.from_state_dict(rundir.read_tensors(data["state"]["owners"])),
+            weights=read(data["state"]["weights"]),
+            owners=OwnerMap.from_state_dict(read(data["state"]["owners"])),
             ledger=Ledger(names, data["ledger"]),
             accuracy=list(data["accuracy"]),
-            sets={task: rundir.read_tensors(f) for task, f in data["state"].get("sets", {}).items()},
+            sets={task: read(f) for task, f in data["state"].get("sets", {}).items()},
             before_prune=list(data.get("before_prune", [])),
         )
+        if prunes:  # the tasks still to prune, from what the run's owner map leaves free
+            check_capacity(exp, state.owners, {i + 1: n for i, n in enumerate(names)})
         state.weights = _with_new_heads(exp, state.weights)
+        for path in [*rundir.remove_temporary(), *rundir.remove_temporary("state", recursive=True)]:
+            _log(f"removed {path}: a write the previous driver did not finish")
         manifest.data["ledger"] = state.ledger.to_dict()
         manifest.save()
         return Run(exp, rundir, manifest, state)
@@ -111,6 +124,20 @@ def open_run(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False, add_
     return Run(exp, rundir, manifest, state)
 
 
+def _read_manifest(rundir: RunDir) -> dict[str, Any]:
+    """The manifest, or a :func:`~conure_dist.train.rundir.damaged` error when it cannot be
+    the one the coordinator wrote (it is always written whole, under a temporary name first)."""
+    try:
+        data = rundir.read_json(MANIFEST)
+    except RunDirError as e:
+        raise damaged(rundir.path(MANIFEST), f"not valid JSON: {e.__cause__ or e}") from None
+    missing = [k for k in ("format_version", "tasks", "settings", "config", "ledger", "state") if k not in data] \
+        if isinstance(data, dict) else ["(not a JSON object)"]
+    if missing:
+        raise damaged(rundir.path(MANIFEST), f"it lacks {', '.join(missing)}")
+    return data
+
+
 def _model(exp: ExperimentConfig, seed: int) -> ConureModel:
     return build_model(exp.model, [t.spec for t in exp.tasks], get_method(exp.method), seed)
 
@@ -123,30 +150,73 @@ def _with_new_heads(exp: ExperimentConfig, weights: Weights) -> Weights:
 
 
 def _save_state(manifest: Manifest, state: RunState, tag: str) -> None:
-    """Write weights and owner map under new names, then point the manifest at them."""
+    """Write weights and owner map under new names, then point the manifest at them.
+
+    The manifest records the digest of every state file it keeps (``state_checksums``: the
+    current weights, every owner map version, each commit's weights, the per-task sets), taken
+    from the bytes written, so :func:`open_run` can tell a file damaged since from a good one.
+    """
     rundir, old = manifest.rundir, dict(manifest.data["state"])
+    sums = dict(manifest.data.get("state_checksums", {}))
     version = manifest.data["owner_map_version"]
     owners_file = f"state/owners-v{version}.safetensors"
     if old.get("owners") != owners_file:
-        rundir.write_tensors(owners_file, state.owners.state_dict())
+        sums[owners_file] = rundir.write_tensors(owners_file, state.owners.state_dict())
     weights_file = f"state/weights-{tag}.safetensors"
-    rundir.write_tensors(weights_file, state.weights)
+    sums[weights_file] = rundir.write_tensors(weights_file, state.weights)
     sets = dict(old.get("sets", {}))
     for task, weights in state.sets.items():  # a task's own weight set never changes once committed
         if task not in sets:
             sets[task] = f"state/set-{task}.safetensors"
-            rundir.write_tensors(sets[task], weights)
+            sums[sets[task]] = rundir.write_tensors(sets[task], weights)
+    for rel in [owners_file, *sets.values()]:  # kept from a run written before the checksums
+        if rel not in sums:
+            sums[rel] = digest(rundir.read_bytes(rel))
     manifest.data["state"] = {"weights": weights_file, "owners": owners_file, **({"sets": sets} if sets else {})}
     manifest.data["ledger"] = state.ledger.to_dict()
     manifest.data["accuracy"] = state.accuracy
     manifest.data["before_prune"] = state.before_prune
-    manifest.save()
     # Committed versions stay (each task can be served as of its commit); others are replaced.
-    if old.get("weights") and old["weights"] != weights_file and not old["weights"].endswith("-commit.safetensors"):
-        rundir.delete(old["weights"])
+    replaced = (old.get("weights") if old.get("weights") and old["weights"] != weights_file
+                and not old["weights"].endswith("-commit.safetensors") else None)
+    sums.pop(replaced, None)
+    manifest.data["state_checksums"] = sums
+    manifest.save()
+    if replaced:
+        rundir.delete(replaced)
 
 
 SMOKE_REPORT = "reports/SMOKE_TEST.txt"
+
+
+STATUS_REPORT = "reports/STATUS.txt"
+ACCURACY_COLUMNS = ("after_task", "task", "metric", "value", "status")
+
+
+def accuracy_rows(run: Run) -> list[dict[str, Any]]:
+    """The accuracy matrix: every measured value (status ``measured``), then, for each task not
+    committed yet, the cells its commit will fill (status ``pending``, no value), so the CSV of
+    an unfinished run shows what is missing."""
+    tasks = [t.spec.name for t in run.exp.tasks]
+    rows = [{**r, "status": "measured"} for r in run.state.accuracy]
+    for i, after in enumerate(tasks):
+        if not run.state.ledger.committed(after):
+            rows += [{"after_task": after, "task": task, "value": "", "status": "pending",
+                      "metric": main_metric(run.exp.task(task).spec, run.exp.task(task).train.metric_k)}
+                     for task in tasks[: i + 1]]
+    return rows
+
+
+def run_status(run: Run) -> str:
+    """One line: whether every task is committed, and if not, which are and what to do."""
+    tasks = [t.spec.name for t in run.exp.tasks]
+    done = [t for t in tasks if run.state.ledger.committed(t)]
+    if len(done) == len(tasks):
+        return f"complete: all {len(tasks)} tasks committed ({', '.join(tasks)})"
+    waiting = [t for t in tasks if t not in done]
+    return (f"incomplete: {len(done)} of {len(tasks)} tasks committed ({', '.join(done) or 'none'}); "
+            f"not yet: {', '.join(waiting)}. Rerun the same command to resume; the accuracy matrix marks the "
+            "missing values 'pending'.")
 
 
 def write_reports(run: Run) -> None:
@@ -154,7 +224,8 @@ def write_reports(run: Run) -> None:
     from conure_dist.eval.floors import floors
 
     state, names = run.state, {i + 1: t.spec.name for i, t in enumerate(run.exp.tasks)}
-    run.rundir.write_text("reports/accuracy_matrix.csv", csv_text(state.accuracy, ("after_task", "task", "metric", "value")))
+    run.rundir.write_text("reports/accuracy_matrix.csv", csv_text(accuracy_rows(run), ACCURACY_COLUMNS))
+    run.rundir.write_text(STATUS_REPORT, run_status(run) + "\n")
     run.rundir.write_text("reports/capacity.txt", state.owners.capacity_table(names) + "\n")
     smoke = run.exp.smoke_settings()
     if smoke:
@@ -174,12 +245,14 @@ def check_method(name: str) -> None:
 
 
 def run_experiment(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False, add_task: bool = False,
-                   fail_once_at_step: dict | None = None, config_yaml: str | None = None, in_process: bool = False) -> Run:
+                   fail_once_at_step: dict | None = None, config_yaml: str | None = None, in_process: bool = False,
+                   kill_once_at_step: dict | None = None) -> Run:
     """Run (or resume) every pending step of the plan; returns the finished run. ``config_yaml``
     (the resolved run config) is written to RUN_DIR/config.yaml once the run is opened.
     ``in_process``: train with a torch optimizer in this process instead of Ray Train workers
     (debugging, small runs): the same manifest, state and reports, without Ray checkpoints or
-    TensorBoard files."""
+    TensorBoard files. ``fail_once_at_step`` / ``kill_once_at_step`` (tests, Ray workers): stage
+    key -> the step at which a worker raises / is killed by SIGKILL, once."""
     from conure_dist.logs import EventChannel, RunClock
 
     if not in_process:
@@ -191,7 +264,8 @@ def run_experiment(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False
         clock = RunClock()
         channel = None if in_process else EventChannel(clock)
         try:
-            return _run_locked(run, clock, channel, fail_once_at_step, in_process)
+            return _run_locked(run, clock, channel, {"fail_once_at_step": fail_once_at_step,
+                                                     "kill_once_at_step": kill_once_at_step}, in_process)
         finally:
             if channel is not None:
                 channel.close()
@@ -220,7 +294,7 @@ def _in_process_executor(exp: ExperimentConfig, info):
     return InProcessExecutor(_model(exp, exp.seed), load_task_data(exp, info), seed=exp.seed)
 
 
-def _run_locked(run: Run, clock, channel, fail_once_at_step: dict | None, in_process: bool = False) -> Run:
+def _run_locked(run: Run, clock, channel, faults: dict[str, dict | None], in_process: bool = False) -> Run:
     from conure_dist.data.format import load_dataset_info
     from conure_dist.logs import sync_driver_log
 
@@ -229,7 +303,7 @@ def _run_locked(run: Run, clock, channel, fail_once_at_step: dict | None, in_pro
         dataset = load_dataset_info(exp.dataset)
         executor = _in_process_executor(exp, dataset)
     else:
-        executor = RayExecutor(exp, run.rundir, run.manifest, fail_once_at_step=fail_once_at_step, events=channel.queue)
+        executor = RayExecutor(exp, run.rundir, run.manifest, events=channel.queue, **faults)
         dataset = executor.info
     method = get_method(exp.method)
     machine = StageMachine(method, exp.tasks, executor,

@@ -54,13 +54,16 @@ class RayExecutor:
     """Runs stages and evaluations as Ray Train fits with DeepSpeed workers."""
 
     def __init__(self, exp: ExperimentConfig, rundir: RunDir, manifest: "Manifest", *, fail_once_at_step: dict | None = None,
-                 events=None):
+                 kill_once_at_step: dict | None = None, events=None):
+        """``fail_once_at_step`` / ``kill_once_at_step`` (tests): stage key (``click-train``) ->
+        the optimizer step at which rank 0 raises an exception / is killed by SIGKILL, once."""
         from conure_dist.data.format import load_dataset_info
 
         self.exp, self.rundir, self.manifest = exp, rundir, manifest
         self.run_id = manifest.data["run_id"]
         self.info = load_dataset_info(exp.dataset)
         self.fail_once_at_step = fail_once_at_step or {}
+        self.kill_once_at_step = kill_once_at_step or {}
         self.events = events  # a Ray queue to the driver's log (conure_dist.logs.EventChannel)
         self._datasets: dict[tuple[str, str], Any] = {}
 
@@ -147,8 +150,11 @@ class RayExecutor:
         started = time.time()
         config.update(task=name, stage=stage.value, train_rows=self.info.task(name).counts["train"],
                       fit_started=started, tensorboard_dir=self._tensorboard_dir(key))
-        if key in self.fail_once_at_step:
-            config["fail_once_at_step"] = self.fail_once_at_step[key]
+        if key in self.fail_once_at_step or key in self.kill_once_at_step:
+            if key in self.fail_once_at_step:
+                config["fail_once_at_step"] = self.fail_once_at_step[key]
+            if key in self.kill_once_at_step:
+                config["kill_once_at_step"] = self.kill_once_at_step[key]
             config["fail_marker"] = os.path.join(tempfile.gettempdir(), f"conure-fail-{uuid.uuid5(uuid.NAMESPACE_URL, self.rundir.uri + key)}")
         datasets = {"train": (name, "train"), "validation": (name, "validation")}
         self.manifest.stage_started(f"{name}/{stage.value}")

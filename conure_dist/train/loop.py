@@ -71,6 +71,7 @@ class StageProgress:
     epoch_seconds: float = 0.0
     epoch_data_seconds: float = 0.0  # of epoch_seconds: waiting for the next batch
     history: list[dict[str, float]] = field(default_factory=list)
+    resumed_at: list[int] = field(default_factory=list)  # the step each resume from a checkpoint started at
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -128,10 +128,9 @@ class StageMachine:
         return self.init(number)
 
     def prune_ratios(self, task: TaskPlan, owners: OwnerMap) -> dict[str, float]:
-        ratios = {name: task.spec.prune_ratio for name in owners.names}
-        if task.spec.embedding_prune_ratio is not None and "backbone.embedding.weight" in ratios:
-            ratios["backbone.embedding.weight"] = task.spec.embedding_prune_ratio
-        return ratios
+        from conure_dist.train.capacity import prune_ratios  # the capacity plan uses the same ratios
+
+        return prune_ratios(task.spec, owners.names)
 
     def commit(self, number: int, state: RunState) -> None:
         """Evaluate every committed task (this one included) on its test split."""

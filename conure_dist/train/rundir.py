@@ -7,20 +7,25 @@ Layout::
     state/weights-<step>.safetensors  weights after the latest step of the plan, and after
                                    each commit (``<task>-commit``)
     state/owners-v<n>.safetensors  owner map version n (one per prune)
+    state/set-<task>.safetensors   a task's own weight set (methods with one backbone per task)
     stages/<task>-<step>/          inputs of a training stage (weights, owner map)
     ray/<run id>/                  Ray Train storage (per-stage checkpoints) of this run
     replaced/<time>/               what --new-run moved aside
-    reports/accuracy_matrix.csv    after_task,task,metric,value
+    reports/STATUS.txt             complete, or incomplete with the tasks committed so far
+    reports/accuracy_matrix.csv    after_task,task,metric,value,status (measured | pending)
     reports/capacity.txt           share of each prunable tensor owned by each task
     tensorboard/                   event files per stage
 
 Only the coordinator writes the manifest. Every file is written to a temporary name and
 renamed (on object stores, where rename is not atomic, a single PUT is), so a crash never
-leaves a half-written manifest or owner map that looks complete.
+leaves a half-written manifest or owner map that looks complete. The manifest records a
+digest of every state file it points at (``state_checksums``), so a file damaged afterwards (a
+truncated copy, a disk error) is found when the run is resumed instead of being trained on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -40,6 +45,17 @@ FORMAT_VERSION = 2
 
 class RunDirError(RuntimeError):
     """The run directory cannot be used as asked (different config, corrupt manifest...)."""
+
+
+def digest(data: bytes) -> str:
+    """Content digest of a state file as the manifest records it (``sha256:<hex>``)."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def damaged(path: str, reason: str) -> RunDirError:
+    """The error for a run-directory file that cannot be trusted, with what to do about it."""
+    return RunDirError(f"{path} is damaged ({reason}). Restore it from a copy of the run directory, or pass "
+                       "--new-run to start over (the damaged run is moved aside under replaced/)")
 
 
 class RunDir:
@@ -85,6 +101,17 @@ class RunDir:
         if self.exists(rel):
             self.fs.delete_file(self.path(rel))
 
+    def remove_temporary(self, under: str = "", recursive: bool = False) -> list[str]:
+        """Delete the temporary files a writer killed inside a write left in ``under`` (the
+        top level by default): ``<name>.tmp-<id>``, never renamed to their name. Returns their
+        paths. Only while holding the run's lock: another driver's writes in flight look the same."""
+        where = self.path(under) if under else self.root
+        infos = self.fs.get_file_info(pafs.FileSelector(where, recursive=recursive, allow_not_found=True))
+        stale = [i.path for i in infos if i.type == pafs.FileType.File and ".tmp-" in i.base_name]
+        for path in stale:
+            self.fs.delete_file(path)
+        return stale
+
     def entries(self) -> list[str]:
         """Names of the top-level files and folders."""
         infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
@@ -123,12 +150,29 @@ class RunDir:
         except json.JSONDecodeError as e:
             raise RunDirError(f"{self.path(rel)}: not valid JSON ({e})") from e
 
-    def write_tensors(self, rel: str, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-        data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        self.write_bytes(rel, st_save(data, metadata=metadata))
+    def write_tensors(self, rel: str, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+        """Write a safetensors file; returns its :func:`digest`."""
+        data = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+        self.write_bytes(rel, data)
+        return digest(data)
 
     def read_tensors(self, rel: str) -> dict[str, torch.Tensor]:
         return st_load(self.read_bytes(rel))
+
+    def read_state_tensors(self, rel: str, expected: str | None) -> dict[str, torch.Tensor]:
+        """A state file, refused with :func:`damaged` when it is missing, does not match the
+        digest the manifest recorded (``expected``; None: a manifest older than the digests), or
+        is not a readable safetensors file."""
+        if not self.exists(rel):
+            raise damaged(self.path(rel), "the manifest names it, but it is missing")
+        data = self.read_bytes(rel)
+        if expected is not None and digest(data) != expected:
+            raise damaged(self.path(rel), f"its content ({len(data)} bytes) does not match the checksum the manifest "
+                          f"recorded when it was written")
+        try:
+            return st_load(data)
+        except Exception as e:  # safetensors raises its own error types for a truncated header or body
+            raise damaged(self.path(rel), f"not a readable safetensors file: {e}") from None
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode())

@@ -5,7 +5,11 @@ coordinator), wraps it in DeepSpeed, and runs the same :func:`~conure_dist.train
 as the in-process runner, fed by its Ray Data shard. At each epoch end (and every N steps if
 asked) every rank saves its DeepSpeed checkpoint and reports it to Ray Train; rank 0 adds the
 stage progress and the best-on-validation weights. A restarted worker (Ray Train's
-FailureConfig) or a rerun of the driver resumes from the latest checkpoint.
+FailureConfig) or a rerun of the driver resumes from the latest checkpoint. Each rank records
+the digest of every file it wrote into a checkpoint (``checksums-rank<r>.json``); a resumed
+stage checks them before loading anything: when the checkpoint is damaged (a truncated upload,
+a disk error) it resumes from the newest intact earlier one, or starts again from its input
+weights, instead of failing on it at every retry.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -118,7 +123,16 @@ def stage_worker(config: dict[str, Any]) -> None:
         _log(f"[{spec.name}/{stage.value}] {world} workers started {entered - config['fit_started']:.1f}s after fit(); "
              f"model and DeepSpeed engine ready in {time.time() - entered:.1f}s", events)
     progress, best, finished_before = StageProgress(world_size=world), None, False
-    checkpoint = ray.train.get_checkpoint()
+    # Checked before anything of it is loaded: a damaged checkpoint leaves the model as built.
+    checkpoint, damaged = _intact_checkpoint(ray.train.get_checkpoint(), rank, device)
+    if rank == 0 and damaged:
+        for path, why in damaged:
+            _log(f"{spec.name}/{stage.value}  the checkpoint {path} is damaged ({why})", events, "info")
+        _log(f"{spec.name}/{stage.value}  " + (f"resuming from the earlier checkpoint {checkpoint.path}" if checkpoint
+                                              else "no intact checkpoint: the stage starts again from its input weights"),
+             events, "info")
+    if damaged and checkpoint is None:
+        progress.resumed_at.append(0)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             saved = StageProgress.from_dict(json.loads(open(os.path.join(d, PROGRESS_FILE)).read()))
@@ -128,6 +142,7 @@ def stage_worker(config: dict[str, Any]) -> None:
             elif saved.world_size == world:
                 stepper.load(d)
                 progress = saved
+                progress.resumed_at.append(progress.step)  # in the stage's record: the steps a failure cost
                 if os.path.exists(os.path.join(d, BEST_FILE)):
                     best = load_file(os.path.join(d, BEST_FILE))
         if rank == 0 and progress is saved:
@@ -149,8 +164,10 @@ def stage_worker(config: dict[str, Any]) -> None:
     tb = _tensorboard(config, rank)
     timing = {"fit_started": config["fit_started"], "first_step": None, "last_step": None}
     window = {"t": time.perf_counter(), "step": progress.step, "loss": 0.0, "n": 0}
-    # A failure injected by tests: raise once, at this optimizer step, in this rank.
+    # A failure injected by tests, once, at this optimizer step, in rank 0: an exception, or
+    # the process killed by SIGKILL (no exception, no cleanup: what the OOM killer does).
     fail_at = config.get("fail_once_at_step")
+    kill_at = config.get("kill_once_at_step")
     fail_marker = config.get("fail_marker")
     attempt = f"a{int(config['fit_started'] * 1000) % 10**10}"
 
@@ -175,6 +192,10 @@ def stage_worker(config: dict[str, Any]) -> None:
         if fail_at is not None and p.step == fail_at and rank == 0 and not os.path.exists(fail_marker):
             open(fail_marker, "w").close()
             raise RuntimeError(f"injected failure at step {p.step}")
+        if kill_at is not None and p.step == kill_at and rank == 0 and not os.path.exists(fail_marker):
+            open(fail_marker, "w").close()
+            _log(f"[{spec.name}/{stage.value}] killing this worker (SIGKILL) at step {p.step}, as asked", events, "info")
+            os.kill(os.getpid(), signal.SIGKILL)
         if p.step % exp.cluster.log_every_steps == 0:
             _progress_line(spec.name, stage, p, window, steps_per_epoch, epochs, micro_batch * world, rank, tb, events,
                            train.max_steps)
@@ -234,6 +255,104 @@ def stage_worker(config: dict[str, Any]) -> None:
         tb.close()
 
 
+CHECKSUMS_FILE = "checksums-rank{rank}.json"  # each rank's files in a checkpoint, and their digests
+
+
+def _file_digest(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_checksums(d: str, rank: int) -> None:
+    """Record the digest of every file this rank wrote into checkpoint directory ``d``."""
+    sums = {}
+    for root, _, files in os.walk(d):
+        for name in files:
+            path = os.path.join(root, name)
+            sums[os.path.relpath(path, d)] = _file_digest(path)
+    with open(os.path.join(d, CHECKSUMS_FILE.format(rank=rank)), "w") as f:
+        json.dump(sums, f)
+
+
+def _checkpoint_damage(d: str, rank: int, device: torch.device) -> str:
+    """Why the checkpoint in ``d`` cannot be resumed from ("" if it can), the same answer on
+    every rank: each checks the files it wrote (and everyone the progress file) before any of
+    it is loaded, then the ranks agree. A checkpoint written before the checksums is checked
+    for its progress file only."""
+    problem = ""
+    try:
+        json.loads(open(os.path.join(d, PROGRESS_FILE)).read())
+    except (OSError, ValueError) as e:
+        problem = f"{PROGRESS_FILE}: {e}"
+    own = os.path.join(d, CHECKSUMS_FILE.format(rank=rank))
+    recorded = [n for n in os.listdir(d) if n.startswith("checksums-rank")]
+    # A rank beyond those that wrote the checkpoint (more workers now) has no files of its own there.
+    if not problem and rank < len(recorded):
+        try:
+            sums = json.loads(open(own).read())
+        except (OSError, ValueError) as e:
+            problem = f"{os.path.basename(own)}: {e}"
+            sums = {}
+        for rel, expected in sorted(sums.items()):
+            path = os.path.join(d, rel)
+            if not os.path.exists(path):
+                problem = f"{rel} is missing"
+            elif _file_digest(path) != expected:
+                problem = f"{rel} ({os.path.getsize(path)} bytes) does not match the checksum recorded when it was written"
+            if problem:
+                break
+    flag = torch.tensor([1 if problem else 0], dtype=torch.int64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag)
+    if int(flag.item()) and not problem:
+        problem = f"{int(flag.item())} other rank(s) found files of theirs damaged"
+    return problem
+
+
+def _checkpoint_step(name: str) -> int | None:
+    """The step in a checkpoint directory's name (``step-000000006-e0-a...``, ``final-...``)."""
+    head, _, rest = name.partition("-")
+    number = rest.split("-", 1)[0]
+    return int(number) if head in ("step", "final") and number.isdigit() else None
+
+
+def _stage_checkpoints(latest):
+    """``latest``, then the stage's other checkpoints (Ray Train keeps the last two) taken at the
+    same or an earlier step, newest first; every rank lists them in the same order."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    yield latest
+    parent, name = latest.path.rstrip("/").rsplit("/", 1)
+    step = _checkpoint_step(name)
+    if step is None:
+        return
+    infos = latest.filesystem.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+    steps = {i.base_name: _checkpoint_step(i.base_name) for i in infos
+             if i.type == pafs.FileType.Directory and i.base_name != name}
+    others = [n for n, s in steps.items() if s is not None and s <= step]
+    for other in sorted(others, key=lambda n: (steps[n], n), reverse=True):
+        yield Checkpoint(path=f"{parent}/{other}", filesystem=latest.filesystem)
+
+
+def _intact_checkpoint(latest, rank: int, device: torch.device):
+    """The checkpoint to resume from: the latest one, or when it is damaged the newest intact
+    earlier one of the stage (None: none is intact, or there is none). Also returns the damaged
+    ones passed over, as (path, why)."""
+    damaged: list[tuple[str, str]] = []
+    if latest is None:
+        return None, damaged
+    for candidate in _stage_checkpoints(latest):
+        with candidate.as_directory() as d:
+            problem = _checkpoint_damage(d, rank, device)
+        if not problem:
+            return candidate, damaged
+        damaged.append((candidate.path, problem))
+    return None, damaged
+
+
 def hash_task(name: str, stage: Stage) -> int:
     return zlib.crc32(f"{name}/{stage.value}".encode()) % 100_003
 
@@ -256,6 +375,7 @@ def _report(stepper: DeepSpeedStepper, p: StageProgress, best, rank: int, metric
                     json.dump(obj, f)
             if best is not None:
                 save_file({k: v.contiguous() for k, v in best.items()}, os.path.join(d, BEST_FILE))
+        _write_checksums(d, rank)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=f"{name}-{p.step:09d}-e{p.epoch}-{attempt}")
 
