@@ -232,3 +232,27 @@ def test_the_reports_of_an_unfinished_run_say_so_and_mark_the_missing_cells(data
     assert status.startswith("incomplete: 1 of 2 tasks committed (pretrain); not yet: age. Rerun the same command")
     pending = [r for r in (reports / "accuracy_matrix.csv").read_text().splitlines() if r.endswith(",pending")]
     assert pending == ["age,pretrain,mrr@5,,pending", "age,age,accuracy,,pending"]
+
+
+def test_a_retrain_of_zero_epochs_starts_no_fit(dataset, tmp_path, monkeypatch, caplog):
+    from conure_dist.model import Stage
+    from conure_dist.train import runner
+    from conure_dist.train.coordinator import run_experiment
+    from conure_dist.train.invariants import check_run_invariants
+
+    fits, train = [], runner.InProcessExecutor.train
+
+    def recording(self, task, number, stage, *args, **kwargs):
+        fits.append((task.spec.name, stage))
+        return train(self, task, number, stage, *args, **kwargs)
+
+    monkeypatch.setattr(runner.InProcessExecutor, "train", recording)
+    exp = experiment(dataset)
+    exp = with_task_train(with_task_train(exp, "pretrain", retrain_epochs=0), "click", retrain_epochs=0)
+    with caplog.at_level("INFO", logger="conure_dist"):
+        run = run_experiment(exp, str(tmp_path / "run"), in_process=True)
+    assert fits == [("pretrain", Stage.TRAIN), ("click", Stage.TRAIN)]
+    assert "pretrain/retrain  skipped: 0 retrain epochs, the pruned weights stand" in caplog.messages
+    stages = run.manifest.data["stages"]
+    assert stages["pretrain/retrain"]["status"] == "done" and stages["pretrain/retrain"]["completions"] == 1
+    assert run.state.ledger.committed("click") and check_run_invariants(str(tmp_path / "run")) == []

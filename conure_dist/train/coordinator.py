@@ -316,14 +316,17 @@ def _run_locked(run: Run, clock, channel, faults: dict[str, dict | None], in_pro
     for index, planned in enumerate(pending):
         started = time.time()
         later = pending[index + 1:]
-        clock.plan(_remaining_examples(exp, dataset, later), sum(p.step in FIT_STEPS for p in later))
+        clock.plan(_remaining_examples(exp, dataset, later),
+                   sum(p.step is Step.COMMIT or machine.fits(p) for p in later))
         clock.begin_fit()
-        if planned.step in (Step.TRAIN, Step.RETRAIN):
+        if machine.fits(planned):
             train = exp.task(planned.task).train
             epochs = train.epochs if planned.step is Step.TRAIN else train.retrain_epochs
             _log(f"{planned.key}  started: {epochs} epochs, batch {train.batch_size} "
                  + ("in process" if in_process else f"on {exp.cluster.num_workers} workers"))
-        if in_process or planned.step not in (Step.TRAIN, Step.RETRAIN):  # the Ray executor records its stages
+        elif planned.step is Step.RETRAIN:
+            _log(f"{planned.key}  skipped: 0 retrain epochs, the pruned weights stand")
+        if in_process or not machine.fits(planned):  # the Ray executor records the stages it fits
             run.manifest.stage_started(planned.key)
         machine.execute(planned, run.state)
         if planned.step is Step.PRUNE:

@@ -90,11 +90,20 @@ class StageMachine:
             self.execute(planned, state)
         return state
 
+    def fits(self, planned: PlannedStep) -> bool:
+        """Whether the step trains (starts a fit): a retrain stage of 0 epochs does not; the
+        pruned weights stand as they are, without starting workers to train nothing."""
+        if planned.step is Step.RETRAIN:
+            return self.task(planned.task).train.retrain_epochs > 0
+        return planned.step is Step.TRAIN
+
     def execute(self, planned: PlannedStep, state: RunState) -> None:
         task, number = self.task(planned.task), self.number(planned.task)
         state.ledger.advance(planned.task, planned.step)  # refuses an illegal order first
         owners = state.owners if self.method.masking else None
-        if planned.step in (Step.TRAIN, Step.RETRAIN):
+        if planned.step is Step.RETRAIN and not self.fits(planned):
+            pass
+        elif planned.step in (Step.TRAIN, Step.RETRAIN):
             stage = Stage.TRAIN if planned.step is Step.TRAIN else Stage.RETRAIN
             if planned.step is Step.TRAIN and number > 1:
                 state.weights = self.start_weights(number, state)
