@@ -504,3 +504,13 @@ def test_a_stage_checkpoint_is_checked_against_the_digests_its_ranks_recorded(tm
     assert _checkpoint_damage(str(d), 0, cpu).startswith(f"{PROGRESS_FILE}: ")
     assert [_checkpoint_step(n) for n in ("step-000000006-e0-a1", "final-000000012-e2-a7", "eval-3890cdb9", "x")] == \
         [6, 12, None, None]
+
+
+def test_the_checker_finds_a_status_report_that_does_not_match_the_ledger(finished, tmp_path):
+    from conure_dist.train.invariants import check_run_invariants
+
+    run_dir = copy_run(finished["conure"], tmp_path).uri
+    assert check_run_invariants(run_dir) == []
+    with open(os.path.join(run_dir, "reports", "STATUS.txt"), "w") as f:
+        f.write("incomplete: 1 of 2 tasks committed\n")
+    assert any("STATUS.txt says 'incomplete', but the run is complete" in p for p in check_run_invariants(run_dir))

@@ -309,6 +309,8 @@ def _run_locked(run: Run, clock, channel, faults: dict[str, dict | None], in_pro
     machine = StageMachine(method, exp.tasks, executor,
                            init=lambda number: fresh_weights(exp.model, [t.spec for t in exp.tasks], method, exp.seed, number))
     pending = machine.pending(run.state)
+    if pending and any(run.state.ledger.committed(t.spec.name) for t in exp.tasks):
+        write_reports(run)  # e.g. extended by --add-task: its reports say it is incomplete from now on
     if not pending:
         _log(f"run {run.rundir.uri}: every stage is complete")
     else:

@@ -9,7 +9,9 @@ a restore, or a hand copy, and the check the fault-injection tests run after eve
 - **frozen entries**: everything that serves a committed task (its head and patches, the
   shared backbone, the backbone entries owned by it or earlier tasks; for per-task methods its
   whole weight set) is bit for bit what it was at the task's commit;
-- **stages**: no stage completed twice; the ledger's steps are recorded as done.
+- **stages**: no stage completed twice; the ledger's steps are recorded as done;
+- **reports**: ``reports/STATUS.txt``, where written, says ``complete`` exactly when every
+  task of the manifest is committed.
 
 Methods that protect nothing (``sinmoall`` fine-tunes the one backbone task after task) have
 no frozen entries to check. Usage::
@@ -61,7 +63,21 @@ def check_run_invariants(run_dir: str) -> list[str]:
     if owners is not None and _protects(method):
         problems += _frozen(rundir, manifest, owners if method.masking else None)
     problems += _stages(manifest)
+    problems += _status(rundir, manifest)
     return problems
+
+
+def _status(rundir: RunDir, manifest: dict) -> list[str]:
+    from conure_dist.train.coordinator import STATUS_REPORT
+
+    if not rundir.exists(STATUS_REPORT):
+        return []  # no task committed yet (reports are written at each commit)
+    said = rundir.read_bytes(STATUS_REPORT).decode().split(":", 1)[0]
+    complete = all(manifest["ledger"].get(t) == "commit" for t in manifest["tasks"])
+    if said != ("complete" if complete else "incomplete"):
+        return [f"{STATUS_REPORT} says {said!r}, but the run is {'complete' if complete else 'not complete'} "
+                f"(ledger {manifest['ledger']})"]
+    return []
 
 
 def _checksums(rundir: RunDir, manifest: dict) -> list[str]:
