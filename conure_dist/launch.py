@@ -29,7 +29,7 @@ QUIET_ENV = {
 
 # Named options -> config keys (see conure_dist/runconfig.py); applied over the config files.
 OPTION_KEYS = {
-    "data": "data", "run_dir": "run_dir", "raw": "source.raw", "skip_bad": "source.skip_bad", "method": "method", "seed": "seed",
+    "data": "data", "run_dir": "run_dir", "raw": "source.raw", "skip_bad": "source.skip_bad", "allow_new_users": "source.allow_new_users", "method": "method", "seed": "seed",
     "embed_dim": "model.embed_dim", "backbone": "model.backbone", "seq_len": "seq_len",
     "shuffle_buffer": "shuffle_buffer_rows", "max_eval_rows": "max_eval_rows", "first_batch_size": "first_task.batch_size",
     "workers": "cluster.num_workers", "cpus_per_worker": "cluster.cpus_per_worker",
@@ -324,17 +324,20 @@ def prepared_dataset(rc) -> str:
     dataset = storage.join(rc.run_dir, "data")
     wanted = {"kind": kind, "raw": rc.source.raw if kind != "synthetic" else None,
               "preset": rc.source.preset if kind == "synthetic" else None,
-              "seed": rc.seed if kind == "synthetic" else 0, "skip_bad": bool(rc.source.skip_bad)}
+              "seed": rc.seed if kind == "synthetic" else 0, "skip_bad": bool(rc.source.skip_bad),
+              "allow_new_users": bool(rc.source.allow_new_users)}
     record = storage.join(dataset, SOURCE_RECORD)
     if storage.exists(storage.join(dataset, METADATA_FILE)):
         if storage.exists(record):  # datasets prepared before the record was kept have none
             had = json.loads(storage.read_bytes(record))
-            changed = {k: (had.get(k), v) for k, v in wanted.items() if had.get(k) != v}
+            changed = {k: (had.get(k, False if k == "allow_new_users" else None), v) for k, v in wanted.items()
+                       if had.get(k, False if k == "allow_new_users" else None) != v}
             if changed:
                 raise ConfigError(
                     f"{dataset} was prepared from other inputs: "
                     + ", ".join(f"source.{k} {o!r} -> {n!r}" for k, (o, n) in changed.items())
-                    + "; give the same ones, another --run-dir, or --data for a dataset prepared elsewhere")
+                    + f"; give the same ones, another --run-dir, --data for a dataset prepared elsewhere, or "
+                    f"delete {dataset} to prepare it again")
         return dataset
     # No dataset.json: nothing was published there, so whatever is left is a failed attempt.
     if kind == "synthetic":
@@ -345,7 +348,8 @@ def prepared_dataset(rc) -> str:
     elif kind == "ttl":
         from conure_dist.data.ttl import TTLOptions, prepare_ttl
 
-        _, report = prepare_ttl(rc.source.raw, dataset, TTLOptions(overwrite=True, skip_bad=rc.source.skip_bad))
+        _, report = prepare_ttl(rc.source.raw, dataset, TTLOptions(overwrite=True, skip_bad=rc.source.skip_bad,
+                                                                   allow_new_users=rc.source.allow_new_users))
     else:
         from conure_dist.data.movielens import MovieLensOptions, prepare_movielens
 
@@ -543,26 +547,30 @@ def floors_of(exp: ExperimentConfig) -> dict[str, tuple[str, float]]:
 
 
 def main_guard(fn, argv: Sequence[str] | None = None) -> int:
-    """Run ``fn(argv)``; a bad option, config or run directory ends with a one-line message,
-    exit 2; bad data (raw inputs: ``file:line: reason``; a damaged prepared dataset), a stage
-    that failed (non-finite loss, workers' errors after retries) or storage that cannot be
-    reached, with its error, exit 1. Never a traceback for these."""
+    """Run ``fn(argv)``; a bad option, config, dataset path or run directory (another run's
+    settings, a second driver) ends with a one-line message, exit 2; bad data (raw inputs:
+    ``file:line: reason``; a damaged prepared dataset or run-directory file), a stage that
+    failed (non-finite loss, workers' errors after retries) or storage that cannot be reached,
+    with its error, exit 1. Never a traceback for these."""
     import pyarrow as pa
 
     from conure_dist.data.badinput import BadInputError
-    from conure_dist.data.format import DatasetFormatError
+    from conure_dist.data.format import DatasetFormatError, DatasetNotFound
     from conure_dist.model import FrozenWeightsChanged
     from conure_dist.train.executor import StageFailed
     from conure_dist.train.loop import NonFiniteLoss
     from conure_dist.serve.artifact import ModelFileError
-    from conure_dist.train.rundir import RunDirError
+    from conure_dist.train.rundir import RunDirDamaged, RunDirError
 
     try:
         return fn(argv)
-    except (ConfigError, RunDirError, ModelFileError) as e:
+    except (BadInputError, RunDirDamaged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ConfigError, RunDirError, ModelFileError, DatasetNotFound) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (BadInputError, DatasetFormatError, StageFailed, NonFiniteLoss, FrozenWeightsChanged) as e:
+    except (DatasetFormatError, StageFailed, NonFiniteLoss, FrozenWeightsChanged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (UnicodeDecodeError, pa.ArrowException) as e:  # data read outside the converters' checks

@@ -91,6 +91,7 @@ class SourceSettings:
     raw: Optional[str] = None  # directory or URI of the raw files (ttl, movielens)
     preset: str = "demo"  # synthetic: demo | ttl-small | ttl
     skip_bad: bool = False  # ttl, movielens: skip bad lines (counted) instead of stopping
+    allow_new_users: bool = False  # ttl: later-task sequences of no first-task user become new users
 
 
 @dataclass

@@ -102,6 +102,21 @@ def test_contradictory_or_unused_options_are_refused(dataset, tmp_path, capsys, 
     assert code == 2 and message in err, err
 
 
+def test_a_data_path_without_a_dataset_is_a_bad_option(tmp_path, capsys):
+    code, _, err = run(ttl_job, ["--data", str(tmp_path / "nothing"), "--dry-run"], capsys)
+    assert code == 2 and "dataset.json: not found; is" in err
+
+
+def test_new_users_in_later_tasks_through_the_job(tmp_path, capsys):
+    raw = write_ttl(tmp_path / "raw", bad_line="900,901,,1")  # a click line of no pretrain user
+    run_dir = str(tmp_path / "run")
+    code, _, err = run(ttl_job, ["--raw-ttl", raw, "--run-dir", run_dir, "--dry-run"], capsys)
+    assert code == 1 and f"click_nouserID.csv:{USERS + 1}: sequence of no first-task user" in err
+    assert run(ttl_job, ["--raw-ttl", raw, "--run-dir", run_dir, "--dry-run", "--allow-new-users"], capsys)[0] == 0
+    code, _, err = run(ttl_job, ["--raw-ttl", raw, "--run-dir", run_dir, "--dry-run"], capsys)
+    assert code == 2 and "source.allow_new_users True -> False" in err
+
+
 def test_preset_ratios_for_fewer_tasks_are_fine(dataset, tmp_path, capsys):
     code, out, _ = run(ttl_job, ["--data", dataset, "--tasks", "pretrain,click", "--dry-run"], capsys)
     assert code == 0 and "click (item" in out

@@ -112,7 +112,17 @@ def test_classes_declared_or_capped(tmp_path):
     assert "label not among the declared classes" in report["skipped"]
     with pytest.raises(ValueError, match="--classes click=...: 'click' is not a class task"):
         opts(classes=(("click", ("a", "b")),))
+    with pytest.raises(ValueError, match=r"--classes gender=...: \['m', 'f'\] do not match the token pattern"):
+        TTLOptions(tasks=TASKS, classes=(("gender", ("m", "f")),))  # the default pattern takes integer ids
     assert TTLOptions.parse_classes(["age=0,1, 2"]) == (("age", ("0", "1", "2")),)
+
+
+def test_a_byte_order_mark_before_the_first_line_is_not_data(tmp_path):
+    raw = write_raw(tmp_path / "raw")
+    path = tmp_path / "raw" / "t1.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    info, _ = prepare_ttl(raw, str(tmp_path / "out"), opts())
+    assert {r["id"]: r["token"] for r in info.item_tokens().to_pylist()}[1] == "a"
 
 
 def test_undecodable_bytes_name_file_and_line_and_can_be_skipped(tmp_path):

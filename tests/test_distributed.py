@@ -4,7 +4,6 @@ Small sizes, real components. Each stage is one TorchTrainer.fit() with two work
 """
 
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -14,6 +13,7 @@ import time
 
 import pytest
 import torch
+from conftest import RAY_ENV
 from synthetic_batches import task_outputs
 
 from conure_dist.config import (
@@ -32,14 +32,6 @@ pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = SyntheticConfig(num_users=400, num_items=60, seq_len=10, min_seq_len=3, num_topics=4, click_labels=20,
                        like_labels=12, rows_per_shard=120)
-ENV = {
-    # A hang becomes an error; generous, since a loaded 2-core machine stalls reads for tens of seconds.
-    "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "180",
-    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-    "DS_ACCELERATOR": "cpu",
-}
 
 
 @pytest.fixture(scope="module")
@@ -47,23 +39,6 @@ def dataset(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("data") / "tiny")
     prepare_synthetic(TINY, path, seed=3)
     return path
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    import ray
-
-    old = {k: os.environ.get(k) for k in [*ENV, "RAY_TMPDIR"]}
-    os.environ.update(ENV)
-    os.environ["RAY_TMPDIR"] = str(tmp_path_factory.mktemp("ray"))
-    ray.init(address="local", num_cpus=2, logging_level=logging.WARNING, include_dashboard=False)
-    yield
-    ray.shutdown()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def experiment(dataset, tasks=("pretrain", "click", "age")):
@@ -140,7 +115,7 @@ def test_killed_driver_resumes_without_repeating_completed_stages_then_a_task_is
            "--tasks", "pretrain,click", "--epochs", "3", "--retrain-epochs", "1", "--embed-dim", "16", "--seq-len", "10",
            "--workers", "2", "--log-every", "5"]
     # Ray's socket paths must stay under 108 bytes: a short scratch directory for its session.
-    env = {**os.environ, **ENV, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp")}
+    env = {**os.environ, **RAY_ENV, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp")}
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

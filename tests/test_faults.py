@@ -325,14 +325,21 @@ def test_a_run_directory_that_fills_up_mid_run_keeps_its_last_state_resumable(da
     real = storage.write_bytes
     seen = []
 
+    real_fsync = os.fsync
+
     def failing(path, data):
         seen.append(path)
-        if path.endswith("state/weights-click-retrain.safetensors"):
-            with open(f"{path}.tmp-partial", "wb") as f:  # the disk filled up inside the write
-                f.write(data[: len(data) // 3])
-            os.remove(f"{path}.tmp-partial")
+        if not path.endswith("state/weights-click-retrain.safetensors"):
+            return real(path, data)
+
+        def full(fd):  # the disk fills up inside the real write, after its temporary file was made
             raise OSError(error, os.strerror(error), path)
-        return real(path, data)
+
+        monkeypatch.setattr(os, "fsync", full)
+        try:
+            return real(path, data)
+        finally:
+            monkeypatch.setattr(os, "fsync", real_fsync)
 
     monkeypatch.setattr(storage, "write_bytes", failing)
     with pytest.raises(OSError) as info:
@@ -489,16 +496,21 @@ def test_a_stage_checkpoint_is_checked_against_the_digests_its_ranks_recorded(tm
     cpu = torch.device("cpu")
     d = tmp_path / "step-000000006-e0-a1"
     (d / "stage").mkdir(parents=True)
-    (d / PROGRESS_FILE).write_text(json.dumps({"step": 6}))
+    (d / PROGRESS_FILE).write_text(json.dumps({"step": 6, "world_size": 2}))
     (d / "stage" / "mp_rank_00_model_states.pt").write_bytes(b"x" * 1000)
     _write_checksums(str(d), rank=0)
     assert _checkpoint_damage(str(d), 0, cpu) == ""
-    assert _checkpoint_damage(str(d), 1, cpu) == ""  # a rank added since wrote nothing there
+    # rank 1 wrote the checkpoint too (world size 2), but its checksums never arrived
+    assert _checkpoint_damage(str(d), 1, cpu).startswith("checksums-rank1.json: ")
+    _write_checksums(str(d), rank=1)
+    assert _checkpoint_damage(str(d), 1, cpu) == ""
+    assert _checkpoint_damage(str(d), 2, cpu) == ""  # a rank added since wrote nothing there
     with open(d / "stage" / "mp_rank_00_model_states.pt", "r+b") as f:
         f.truncate(500)
     assert _checkpoint_damage(str(d), 0, cpu) == ("stage/mp_rank_00_model_states.pt (500 bytes) does not match the "
                                                   "checksum recorded when it was written")
-    (d / "checksums-rank0.json").unlink()  # a checkpoint written before the checksums: its progress file only
+    for rank in (0, 1):  # a checkpoint written before the checksums: its progress file only
+        (d / f"checksums-rank{rank}.json").unlink()
     assert _checkpoint_damage(str(d), 0, cpu) == ""
     (d / PROGRESS_FILE).write_text('{"step": ')
     assert _checkpoint_damage(str(d), 0, cpu).startswith(f"{PROGRESS_FILE}: ")
@@ -509,8 +521,12 @@ def test_a_stage_checkpoint_is_checked_against_the_digests_its_ranks_recorded(tm
 def test_the_checker_finds_a_status_report_that_does_not_match_the_ledger(finished, tmp_path):
     from conure_dist.train.invariants import check_run_invariants
 
-    run_dir = copy_run(finished["conure"], tmp_path).uri
-    assert check_run_invariants(run_dir) == []
-    with open(os.path.join(run_dir, "reports", "STATUS.txt"), "w") as f:
-        f.write("incomplete: 1 of 2 tasks committed\n")
-    assert any("STATUS.txt says 'incomplete', but the run is complete" in p for p in check_run_invariants(run_dir))
+    rundir = copy_run(finished["conure"], tmp_path)
+    assert check_run_invariants(rundir.uri) == []
+    rundir.write_text("reports/STATUS.txt", "incomplete: 1 of 2 tasks committed\n")
+    assert check_run_invariants(rundir.uri) == []  # one commit behind, as after a crash right after the commit
+    manifest = rundir.read_json("manifest.json")
+    manifest["ledger"]["click"] = "retrain"
+    rundir.write_json("manifest.json", manifest)
+    rundir.write_text("reports/STATUS.txt", "complete: all 2 tasks committed\n")
+    assert any("STATUS.txt says 'complete', but the run is not complete" in p for p in check_run_invariants(rundir.uri))

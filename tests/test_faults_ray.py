@@ -7,7 +7,6 @@ without the fault.
 """
 
 import dataclasses
-import logging
 import os
 import time
 
@@ -21,13 +20,6 @@ from conure_dist.train.rundir import RunDir
 pytestmark = pytest.mark.slow
 TINY = SyntheticConfig(num_users=400, num_items=60, seq_len=10, min_seq_len=3, num_topics=4, click_labels=20,
                        like_labels=12, rows_per_shard=120)
-ENV = {
-    "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "180",
-    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-    "DS_ACCELERATOR": "cpu",
-}
 CHECKPOINT_EVERY = 3
 KILL_AT = 8  # click/train: 6 steps an epoch (372 rows, global batch 64), so inside the second epoch
 
@@ -37,24 +29,6 @@ def dataset(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("data") / "tiny")
     prepare_synthetic(TINY, path, seed=3)
     return path
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    import ray
-
-    old = {k: os.environ.get(k) for k in ENV}
-    os.environ.update(ENV)
-    if "RAY_TMPDIR" not in os.environ:  # Ray's socket paths must stay under 108 bytes
-        os.environ["RAY_TMPDIR"] = str(tmp_path_factory.mktemp("ray"))
-    ray.init(address="local", num_cpus=2, logging_level=logging.WARNING, include_dashboard=False)
-    yield
-    ray.shutdown()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def experiment(dataset):

@@ -47,9 +47,9 @@ def test_tiny_t1_fp32_cpu_zero0_by_hand():
         "reduce_bucket": 0,  # one worker: nothing to all-reduce
         # 2*3 positions * f=4 * (4.5 per conv layer * 2 + 3) * 4 B + LN stats 6 * 2 * 8 B
         "activations": 6 * 4 * 12 * 4 + 6 * 2 * 8,
-        # rows 2*(3-1) = 4 x 4 negatives x (4 fp32 copies + bool mask);
+        # rows 2*(3-1) = 4 x 4 negatives x 4 fp32 copies;
         # gathered output rows (4 negatives + 4 targets) * f * 4 B, value and gradient
-        "sampled_softmax_logits": 4 * 4 * 16 + (4 + 4) * 4 * 4 * 2,  # 4 fp32 copies, no mask
+        "sampled_softmax_logits": 4 * 4 * 16 + (4 + 4) * 4 * 4 * 2,
         # test eval: 4 * 2 rows x 10 candidates x (4 + 4 + 1) B = 720 < activations + logits
         "evaluation_headroom": 0,
     }

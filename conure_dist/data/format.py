@@ -50,6 +50,10 @@ class DatasetFormatError(ValueError):
     """A prepared dataset is missing or inconsistent; the message names the file."""
 
 
+class DatasetNotFound(DatasetFormatError):
+    """No prepared dataset at the path given (a wrong ``--data``: the jobs exit 2)."""
+
+
 def row_schema(kind: str) -> pa.Schema:
     """Parquet schema of one task's rows; item/class tasks carry a label."""
     fields = [pa.field("user", pa.int64(), nullable=False),
@@ -228,7 +232,7 @@ def load_dataset_info(path: str) -> DatasetInfo:
     try:
         data = json.loads(storage.read_bytes(meta).decode("utf-8"))
     except FileNotFoundError:
-        raise DatasetFormatError(f"{meta}: not found; is {path!r} a prepared dataset "
+        raise DatasetNotFound(f"{meta}: not found; is {path!r} a prepared dataset "
                                  f"(conure-dist prepare ...)?") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetFormatError(f"{meta}: not valid JSON ({e})") from None

@@ -114,6 +114,10 @@ class TTLOptions:
                                  f"(class tasks: {[n for n, k in kinds.items() if k == 'class']})")
             if len(set(labels)) != len(labels) or len(labels) < 2 or not all(labels):
                 raise ValueError(f"--classes {name}=...: at least two distinct, non-empty labels expected, got {list(labels)}")
+            odd = [label for label in labels if not re.fullmatch(self.token_pattern, label)]
+            if odd:
+                raise ValueError(f"--classes {name}=...: {odd} do not match the token pattern {self.token_pattern} "
+                                 "(--token-pattern), so no line could carry them")
 
     @staticmethod
     def parse_classes(texts) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -211,8 +215,8 @@ class _Converter:
         return labels
 
     def _decode(self, raw: bytes, path: str, no: int) -> str | None:
-        try:
-            return raw.decode("utf-8").rstrip("\r\n")
+        try:  # a byte-order mark some editors put first is not part of the line
+            return raw.decode("utf-8-sig" if no == 1 else "utf-8").rstrip("\r\n")
         except UnicodeDecodeError as e:
             self.bad.report(path, no, "not UTF-8 text", f"byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line")
             return None

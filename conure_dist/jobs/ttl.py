@@ -24,6 +24,9 @@ def get_parser() -> argparse.ArgumentParser:
                         help="preset demo: prepare a small synthetic TTL-shaped dataset and run all six tasks")
     parser.add_argument("--raw-ttl", "--raw", dest="raw",
                         help="directory or URI of the TTL files released with the paper (prepared into RUN_DIR/data)")
+    parser.add_argument("--allow-new-users", action="store_true", default=None,
+                        help="with --raw-ttl: accept later-task sequences that match no first-task user (counted) "
+                             "instead of stopping (config: source.allow_new_users)")
     add_run_arguments(parser, "ttl")
     return parser
 

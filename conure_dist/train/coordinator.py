@@ -88,6 +88,8 @@ def open_run(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False, add_
                    if k in RESUME_FREE_CLUSTER and data["config"]["cluster"].get(k) != v}
         if changed:
             _log("resuming with changed settings: " + ", ".join(f"{k} {o} -> {n}" for k, (o, n) in changed.items()))
+        if len(names) > len(old) and rundir.exists(STATUS_REPORT):
+            rundir.delete(STATUS_REPORT)  # it said complete; the run is not any more (rewritten before its next step)
         data.setdefault("resumes", []).append({"time": now(), "changed": changed, "added_tasks": names[len(old):]})
         data.update(tasks=names, config=exp.to_dict(), settings=settings, fingerprint=settings_fingerprint(settings))
         manifest = Manifest(rundir, data)

@@ -108,7 +108,10 @@ class RunLock:
         while not self._stop.wait(self.heartbeat_s):
             held = self._read()
             if held is not None and held.get("token") == self.token:
-                self.rundir.write_json(LOCK_FILE, self._record())
+                try:
+                    self.rundir.write_json(LOCK_FILE, self._record())
+                except OSError:  # storage briefly unreachable: the next beat tries again
+                    pass
 
     def release(self) -> None:
         self._stop.set()

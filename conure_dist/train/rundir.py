@@ -52,9 +52,13 @@ def digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+class RunDirDamaged(RunDirError):
+    """A file of the run directory is damaged (bad data, not a bad option: the jobs exit 1)."""
+
+
 def damaged(path: str, reason: str) -> RunDirError:
     """The error for a run-directory file that cannot be trusted, with what to do about it."""
-    return RunDirError(f"{path} is damaged ({reason}). Restore it from a copy of the run directory, or pass "
+    return RunDirDamaged(f"{path} is damaged ({reason}). Restore it from a copy of the run directory, or pass "
                        "--new-run to start over (the damaged run is moved aside under replaced/)")
 
 
@@ -104,10 +108,12 @@ class RunDir:
     def remove_temporary(self, under: str = "", recursive: bool = False) -> list[str]:
         """Delete the temporary files a writer killed inside a write left in ``under`` (the
         top level by default): ``<name>.tmp-<id>``, never renamed to their name. Returns their
-        paths. Only while holding the run's lock: another driver's writes in flight look the same."""
+        paths. Only while holding the run's lock: another driver's writes in flight look the same;
+        the lock file's own (the heartbeat rewrites it meanwhile) is left alone."""
         where = self.path(under) if under else self.root
         infos = self.fs.get_file_info(pafs.FileSelector(where, recursive=recursive, allow_not_found=True))
-        stale = [i.path for i in infos if i.type == pafs.FileType.File and ".tmp-" in i.base_name]
+        stale = [i.path for i in infos if i.type == pafs.FileType.File and ".tmp-" in i.base_name
+                 and not i.base_name.startswith("lock.json")]
         for path in stale:
             self.fs.delete_file(path)
         return stale

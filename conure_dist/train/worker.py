@@ -169,7 +169,10 @@ def stage_worker(config: dict[str, Any]) -> None:
     fail_at = config.get("fail_once_at_step")
     kill_at = config.get("kill_once_at_step")
     fail_marker = config.get("fail_marker")
-    attempt = f"a{int(config['fit_started'] * 1000) % 10**10}"
+    # Names this attempt's checkpoints: the fit, and the steps resumed at since (a restart
+    # inside the fit that fell back to an earlier checkpoint must not reuse a name Ray Train
+    # still keeps for a damaged one).
+    attempt = f"a{int(config['fit_started'] * 1000) % 10**10}" + "".join(f"r{s}" for s in progress.resumed_at)
 
     stage_seed = exp.seed * 7919 + hash_task(spec.name, stage)
 
@@ -261,8 +264,11 @@ CHECKSUMS_FILE = "checksums-rank{rank}.json"  # each rank's files in a checkpoin
 def _file_digest(path: str) -> str:
     import hashlib
 
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
 
 
 def _write_checksums(d: str, rank: int) -> None:
@@ -281,15 +287,17 @@ def _checkpoint_damage(d: str, rank: int, device: torch.device) -> str:
     every rank: each checks the files it wrote (and everyone the progress file) before any of
     it is loaded, then the ranks agree. A checkpoint written before the checksums is checked
     for its progress file only."""
-    problem = ""
+    problem, saved_world = "", 0
     try:
-        json.loads(open(os.path.join(d, PROGRESS_FILE)).read())
-    except (OSError, ValueError) as e:
+        saved_world = int(json.loads(open(os.path.join(d, PROGRESS_FILE)).read()).get("world_size", 0))
+    except (OSError, ValueError, TypeError, AttributeError) as e:
         problem = f"{PROGRESS_FILE}: {e}"
     own = os.path.join(d, CHECKSUMS_FILE.format(rank=rank))
-    recorded = [n for n in os.listdir(d) if n.startswith("checksums-rank")]
-    # A rank beyond those that wrote the checkpoint (more workers now) has no files of its own there.
-    if not problem and rank < len(recorded):
+    with_checksums = any(n.startswith("checksums-rank") for n in os.listdir(d))
+    # Every rank that wrote the checkpoint left its checksums (a rank beyond those, when there
+    # are more workers now, has no files of its own there); a checkpoint from before the
+    # checksums has none at all.
+    if not problem and with_checksums and rank < saved_world:
         try:
             sums = json.loads(open(own).read())
         except (OSError, ValueError) as e:
