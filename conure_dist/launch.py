@@ -387,8 +387,9 @@ def run_from_args(args: argparse.Namespace, preset: str) -> int:
         return 0
     gpu_memory = parse_gpu_memory(args.gpu_memory) if getattr(args, "gpu_memory", None) else None
     if args.dry_run:
-        print(dry_run_report(experiment(prepared_dataset(rc)), gpu_memory))
-        return 0
+        report = dry_run_report(experiment(prepared_dataset(rc)), gpu_memory)
+        print(report)
+        return 2 if REFUSED in report else 0
     if getattr(args, "compare", False):
         from conure_dist.compare import compare_job
 
@@ -473,6 +474,9 @@ def dry_run_report(exp: ExperimentConfig, gpu_memory: int | None) -> str:
     return "\n".join(lines)
 
 
+REFUSED = "error: the run would be refused: "  # in a --dry-run report: the job then exits 2
+
+
 def capacity_plan_lines(exp: ExperimentConfig) -> list[str]:
     """The planned share of the prunable backbone of each task (methods that prune), a warning
     for each later task left less than MIN_FREE_FRACTION of it, and the refusal a real run would
@@ -484,7 +488,7 @@ def capacity_plan_lines(exp: ExperimentConfig) -> list[str]:
     try:
         check_capacity(exp)
     except ConfigError as e:
-        return [f"error: the run would be refused: {e}"]
+        return [f"{REFUSED}{e}"]
     rows = plan_capacity(exp)
     return ["capacity plan (share of the prunable backbone):", capacity_plan_table(rows), *capacity_warnings(rows)]
 

@@ -140,3 +140,12 @@ def test_a_truncated_shard_is_named_at_dry_run(tmp_path, capsys):
     shutil.copy(other, shard)
     code, _, err = run(ttl_job, ["--data", data, "--dry-run"], capsys)
     assert code == 1 and "task 'age' validation counts" in err and "its shards hold" in err
+
+
+def test_a_dry_run_of_a_plan_that_would_be_refused_exits_2(dataset, capsys):
+    args = ["--data", dataset, "--tasks", "pretrain,click,age", "--embed-dim", "8", "--set", "model.dilations=[1,2]",
+            "--dry-run"]
+    code, out, _ = run(ttl_job, [*args, "--ratios", "0.05,0.05,0.05"], capsys)
+    assert code == 2 and "error: the run would be refused: task age (task 3) would find no free weight left" in out
+    code, out, _ = run(ttl_job, [*args, "--ratios", "0.7,0.8,0.9"], capsys)
+    assert code == 0 and "would be refused" not in out
