@@ -481,15 +481,14 @@ def capacity_plan_lines(exp: ExperimentConfig) -> list[str]:
     """The planned share of the prunable backbone of each task (methods that prune), a warning
     for each later task left less than MIN_FREE_FRACTION of it, and the refusal a real run would
     end with when a task would find no free weight at all."""
-    from conure_dist.train.capacity import capacity_plan_table, capacity_warnings, check_capacity, plan_capacity
+    from conure_dist.train.capacity import capacity_plan_table, capacity_warnings, check_capacity
 
     if not METHODS[exp.method].masking:
         return []
     try:
-        check_capacity(exp)
+        rows = check_capacity(exp)  # the plan it checked
     except ConfigError as e:
         return [f"{REFUSED}{e}"]
-    rows = plan_capacity(exp)
     return ["capacity plan (share of the prunable backbone):", capacity_plan_table(rows), *capacity_warnings(rows)]
 
 

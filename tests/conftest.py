@@ -6,6 +6,15 @@ import os
 
 import pytest
 
+def _restore_env(old: dict) -> None:
+    """Put back the variables a fixture set (``old``: name -> value before, None if unset)."""
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 # Environment of the end-to-end Ray tests (the driver's and, inherited, the workers').
 RAY_ENV = {
     # A hang becomes an error; generous, since a loaded 2-core machine stalls reads for tens of seconds.
@@ -30,11 +39,8 @@ def ray_cluster(tmp_path_factory):
     ray.init(address="local", num_cpus=2, logging_level=logging.WARNING, include_dashboard=False)
     yield
     ray.shutdown()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    _restore_env(old)
+
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
           "AWS_REGION": "us-east-1"}
@@ -68,8 +74,4 @@ def s3_server():
     bucket.client = client
     yield bucket
     server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    _restore_env(old)

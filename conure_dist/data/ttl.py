@@ -170,15 +170,24 @@ class _Converter:
     def _key(tokens: list[str]) -> int:
         return int.from_bytes(hashlib.blake2b(",".join(tokens).encode(), digest_size=8).digest(), "little")
 
-    def _tokens(self, text: str, path: str, no: int) -> list[str] | None:
-        tokens = [t.strip() for t in text.split(",")]
-        if any(not t for t in tokens):
-            self.bad.report(path, no, "empty item token")
+    def _fields(self, text: str, path: str, no: int, what: str, empty: tuple[str, str]) -> list[str] | None:
+        """The comma-separated ``what``s (item tokens or labels) of a line, each matching the
+        token pattern; None once the line is reported (``empty``: reason and detail for an
+        empty field)."""
+        fields = [t.strip() for t in text.split(",")]
+        if any(not t for t in fields):
+            self.bad.report(path, no, *empty)
             return None
-        odd = next((t for t in tokens if not self.token.fullmatch(t)), None)
+        odd = next((t for t in fields if not self.token.fullmatch(t)), None)
         if odd is not None:
-            self.bad.report(path, no, "item token not matching the token pattern",
+            self.bad.report(path, no, f"{what} not matching the token pattern",
                             f"{odd!r} is not {self.options.token_pattern} (--token-pattern)")
+            return None
+        return fields
+
+    def _tokens(self, text: str, path: str, no: int) -> list[str] | None:
+        tokens = self._fields(text, path, no, "item token", ("empty item token", ""))
+        if tokens is None:
             return None
         tokens = [t for t in tokens if t != PAD_TOKEN]
         if not tokens:
@@ -187,16 +196,8 @@ class _Converter:
         return tokens
 
     def _labels(self, task: TaskFile, text: str, known: dict[str, int], path: str, no: int) -> list[str] | None:
-        labels = [t.strip() for t in text.split(",")]
-        if any(not t for t in labels):
-            self.bad.report(path, no, "missing label", repr(text))
-            return None
-        odd = next((t for t in labels if not self.token.fullmatch(t)), None)
-        if odd is not None:
-            self.bad.report(path, no, "label not matching the token pattern",
-                            f"{odd!r} is not {self.options.token_pattern} (--token-pattern)")
-            return None
-        if task.kind != "class":
+        labels = self._fields(text, path, no, "label", ("missing label", repr(text)))
+        if labels is None or task.kind != "class":
             return labels
         if len(labels) != 1:
             self.bad.report(path, no, "more than one label in a class task", repr(text))

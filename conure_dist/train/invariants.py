@@ -34,9 +34,9 @@ from conure_dist.train.rundir import MANIFEST, RunDir, RunDirError, digest
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal shape, dtype and bytes (unlike ``torch.equal``: -0.0 differs from 0.0, NaN equals itself)."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+    from conure_dist.model.freeze import _bits  # the raw bits the frozen-weight guard compares
+
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
 
 
 def _protects(method) -> bool:
