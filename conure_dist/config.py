@@ -173,6 +173,10 @@ class ClusterConfig:
     # Splits smaller than this (uncompressed) are read once into Ray's object store and reused
     # by every epoch and stage; larger ones stream from Parquet each epoch.
     cache_splits_below_bytes: int = 256 * 2**20
+    # How workers read Parquet (conure_dist.data.pipeline.READERS). It fixes the file order and
+    # block boundaries, so the data order: a result setting. auto: "files" for a new run, and a
+    # resumed run keeps the reader it was made with ("parquet" for runs made before the setting).
+    reader: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 1, "cluster.num_workers", "must be >= 1")
@@ -186,6 +190,8 @@ class ClusterConfig:
         _require(self.checkpoint_every_steps >= 0, "cluster.checkpoint_every_steps", "must be >= 0")
         _require(self.log_every_steps >= 1, "cluster.log_every_steps", "must be >= 1")
         _require(self.cache_splits_below_bytes >= 0, "cluster.cache_splits_below_bytes", "must be >= 0")
+        _require(self.reader in ("auto", "files", "parquet"), "cluster.reader",
+                 f"auto, files or parquet; got {self.reader!r}")
 
     @property
     def resolved_precision(self) -> str:

@@ -112,14 +112,14 @@ def bench_pyarrow(files: list[str], batch_size: int, seq_len: int | None, epochs
 
 
 def bench_ray(info, task: str, files: list[str], workers: int, batch_size: int, seq_len: int,
-              epochs: int) -> list[Measurement]:
+              epochs: int, reader: str) -> list[Measurement]:
     """A TorchTrainer whose loop only iterates the shard; per epoch: all rows / slowest worker."""
     import ray
     import ray.train
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from conure_dist.data.pipeline import ExactlyOnceDataConfig, SplitSize, iter_torch_batches
+    from conure_dist.data.pipeline import ExactlyOnceDataConfig, SplitSize, iter_torch_batches, read_files
 
     results = tempfile.mkdtemp(prefix="bench-")
 
@@ -139,7 +139,7 @@ def bench_ray(info, task: str, files: list[str], workers: int, batch_size: int, 
     config = ExactlyOnceDataConfig({"rows": SplitSize(rows, pq.read_schema(files[0]))}, datasets_to_split=["rows"])
     TorchTrainer(loop, train_loop_config={"epochs": epochs, "batch_size": batch_size, "seq_len": seq_len,
                                           "results": results},
-                 datasets={"rows": ray.data.read_parquet(files)}, dataset_config=config,
+                 datasets={"rows": read_files(files, reader=reader)}, dataset_config=config,
                  scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
                  run_config=RunConfig(name=f"bench-{workers}", storage_path=tempfile.mkdtemp(prefix="bench-"),
                                       logging_config=ray.train.LoggingConfig(log_level="WARNING"))).fit()
@@ -149,7 +149,7 @@ def bench_ray(info, task: str, files: list[str], workers: int, batch_size: int, 
         total = sum(rank[epoch][0] for rank in per_rank)
         if total != rows:
             raise RuntimeError(f"epoch {epoch}: workers saw {total} rows, expected {rows}")
-        out.append(Measurement("ray", workers, epoch, total, max(rank[epoch][1] for rank in per_rank)))
+        out.append(Measurement(f"ray ({reader})", workers, epoch, total, max(rank[epoch][1] for rank in per_rank)))
     return out
 
 
@@ -186,8 +186,9 @@ def run_pipeline(args: argparse.Namespace) -> dict:
 
     ray.init(address="local", num_cpus=args.num_cpus, logging_level=logging.WARNING)
     try:
-        for workers in args.workers:
-            results += bench_ray(info, args.task, files, workers, args.batch_size, args.seq_len, args.epochs)
+        for reader in args.readers:
+            for workers in args.workers:
+                results += bench_ray(info, args.task, files, workers, args.batch_size, args.seq_len, args.epochs, reader)
     finally:
         ray.shutdown()
 
@@ -195,13 +196,14 @@ def run_pipeline(args: argparse.Namespace) -> dict:
     base = max(m.rows_per_s for m in results if m.reader == "pyarrow")
     print(f"\nmachine: {platform.node()} {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"ray {ray.__version__}, pyarrow {pyarrow.__version__}")
-    print("| reader | workers | epoch | rows | seconds | rows/s | vs pyarrow |")
-    print("|---|---|---|---|---|---|---|")
+    padded = max(m.rows_per_s for m in results if m.reader == "pyarrow+pad")
+    print("| reader | workers | epoch | rows | seconds | rows/s | vs pyarrow | vs pyarrow+pad |")
+    print("|---|---|---|---|---|---|---|---|")
     for m in results:
         print(f"| {m.reader} | {m.workers} | {m.epoch + 1} | {m.rows} | {m.seconds:.1f} | "
-              f"{m.rows_per_s:,.0f} | {m.rows_per_s / base:.2f} |")
+              f"{m.rows_per_s:,.0f} | {m.rows_per_s / base:.2f} | {m.rows_per_s / padded:.2f} |")
     return {"measurements": [asdict(m) | {"rows_per_s": m.rows_per_s} for m in results],
-            "pyarrow_best_rows_per_s": base}
+            "pyarrow_best_rows_per_s": base, "pyarrow_pad_best_rows_per_s": padded}
 
 
 def run_masks(args: argparse.Namespace) -> dict:
@@ -652,12 +654,14 @@ def run_t1_step(args: argparse.Namespace) -> dict:
                     args.batch_size, fused=False)
         sample = loss.sampler.sample(loss.num_sampled, torch.Generator().manual_seed(0))
         print(f"  {loss.num_sampled} draws hold {torch.unique(sample).numel()} distinct items")
-    if args.full_batch:
+    for rows in [b for b in args.full_batch if b > 0]:
         full = make_loss(TaskSpec("t1", "sequence"), TrainConfig(sample_ratio=1.0), args.num_items, popularity)
-        measure(f"exact softmax, batch {args.full_batch}", full, args.full_batch)
+        measure(f"exact softmax, batch {rows}", full, rows)
         for ratio in args.ratios:
             loss = make_loss(TaskSpec("t1", "sequence"), TrainConfig(sample_ratio=ratio), args.num_items, popularity)
-            measure(f"sampled {ratio:.0%}, batch {args.full_batch}", loss, args.full_batch)
+            measure(f"sampled {ratio:.0%}, batch {rows}", loss, rows)
+            exact = results[f"exact softmax, batch {rows}"]
+            print(f"  exact / sampled {ratio:.0%} at batch {rows}: {exact / results[f'sampled {ratio:.0%}, batch {rows}']:.2f}x")
     print(f"config: items={args.num_items} f={args.embed_dim} conv layers={4 * args.repeat_dilations} "
           f"seq={args.seq_len} threads={torch.get_num_threads()} torch={torch.__version__}")
     return {"seconds_per_step": results}
@@ -853,6 +857,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--max-files", type=int, default=0, help="read only the first N files of the task (0: all)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--readers", nargs="+", default=["files", "parquet"], choices=["files", "parquet"],
+                   help="how the workers read the files (cluster.reader)")
     p.add_argument("--num-cpus", type=int, default=os.cpu_count())
     p.set_defaults(func=run_pipeline)
     m = sub.add_parser("masks", help="forward-pass overhead of the owner-map masks")
@@ -903,7 +909,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     t1.add_argument("--seq-len", type=int, default=100)
     t1.add_argument("--batch-size", type=int, default=32)
     t1.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.05])
-    t1.add_argument("--full-batch", type=int, default=2, help="batch of the exact-softmax comparison (0: skip)")
+    t1.add_argument("--full-batch", type=int, nargs="+", default=[2, 8],
+                    help="batches of the exact-softmax comparison (0: skip)")
     t1.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the every-draw baseline")
     t1.add_argument("--repeats", type=int, default=3)
     t1.add_argument("--warmup", type=int, default=1)

@@ -211,3 +211,38 @@ def test_max_rows_keeps_the_first_rows_of_an_evaluation_split_in_both_engines(in
     assert split_size(info, task, "test").rows == info.task(task).counts["test"] > limit
     with pytest.raises(ValueError, match="evaluation splits only"):
         split_dataset(info, task, "train", seed=0, cache_below_bytes=0, max_rows=limit)
+
+
+def test_the_files_reader_reads_each_file_whole_in_a_seeded_order(info, ray_session):
+    """``cluster.reader: files``: one block per Parquet file, the files in a permutation fixed by
+    the seed; every row exactly once, in its file's stored order."""
+    from conure_dist.data.pipeline import read_split
+
+    task, split = "pretrain", "train"
+    files = info.split_files(task, split)
+    assert len(files) >= 3
+    users_of = {f: pq.read_table(f, columns=["user"]).column("user").to_pylist() for f in files}
+
+    def read(seed, reader="files"):
+        ds = read_split(info, task, split, shuffle_files_seed=seed, reader=reader)
+        ds.context.execution_options.preserve_order = True
+        return [int(r["user"]) for r in ds.iter_rows()]
+
+    stored = [u for f in files for u in users_of[f]]
+    assert read(None) == stored  # no seed: shard order
+    orders = {}
+    for seed in (1, 2, 3):
+        got = read(seed)
+        assert sorted(got) == sorted(stored)
+        # the rows are whole files one after another, each in its stored order
+        order, at = [], 0
+        while at < len(got):
+            f = next(f for f in files if f not in order and got[at:at + len(users_of[f])] == users_of[f])
+            order.append(f)
+            at += len(users_of[f])
+        orders[seed] = order
+        assert read(seed) == got  # the same seed, the same order
+    assert len({tuple(o) for o in orders.values()}) > 1  # the seed decides the order
+    assert sorted(read(1, reader="parquet")) == sorted(stored)  # the older reader still reads the split
+    with pytest.raises(ValueError, match="unknown reader"):
+        read_split(info, task, split, reader="csv")

@@ -215,6 +215,26 @@ def test_a_run_written_before_the_smoke_test_settings_resumes_with_their_default
         open_run(dataclasses.replace(exp, max_eval_rows=10), str(tmp_path / "run"))
 
 
+def test_a_new_run_reads_files_whole_and_a_resumed_run_keeps_the_reader_it_was_made_with(dataset, tmp_path):
+    exp, run_dir = experiment(dataset), str(tmp_path / "run")
+    assert exp.cluster.reader == "auto"
+    first = open_run(exp, run_dir)
+    assert first.exp.cluster.reader == "files" and first.manifest.data["settings"]["cluster.reader"] == "files"
+    assert first.manifest.data["config"]["cluster"]["reader"] == "files"
+    assert open_run(exp, run_dir).exp.cluster.reader == "files"
+    rundir = RunDir(run_dir)  # a run made before the setting: ray.data.read_parquet
+    manifest = rundir.read_json("manifest.json")
+    del manifest["settings"]["cluster.reader"]
+    rundir.write_json("manifest.json", manifest)
+    again = open_run(exp, run_dir)
+    assert again.exp.cluster.reader == "parquet" and again.manifest.data["settings"]["cluster.reader"] == "parquet"
+    assert again.manifest.data["run_id"] == first.manifest.data["run_id"]
+    files = dataclasses.replace(exp, cluster=dataclasses.replace(exp.cluster, reader="files"))
+    with pytest.raises(RunDirError, match=r"cluster\.reader +\"parquet\" +\"files\""):
+        open_run(files, run_dir)
+    assert open_run(exp, run_dir, new_run=True).exp.cluster.reader == "files"
+
+
 def test_the_reports_of_an_unfinished_run_say_so_and_mark_the_missing_cells(dataset, tmp_path):
     from conure_dist.train.coordinator import run_experiment, write_reports
 

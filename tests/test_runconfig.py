@@ -117,6 +117,7 @@ HYPERPARAMETERS = [
     ("seed", 11, lambda e: e.seed == 11 and e.tasks[2].train.seed == 11),
     ("shuffle_buffer_rows", 0, lambda e: e.shuffle_buffer_rows == 0),
     ("cluster.zero_stage", 2, lambda e: e.cluster.zero_stage == 2),
+    ("cluster.reader", "parquet", lambda e: e.cluster.reader == "parquet"),
     ("deepspeed", {"gradient_clipping": 1.0}, lambda e: e.deepspeed == {"gradient_clipping": 1.0}),
 ]
 
@@ -164,6 +165,7 @@ def test_the_worker_builds_its_model_and_deepspeed_config_from_those_settings(da
     ("deepspeed: {zero_optimization: {stage: 3}}\n", "deepspeed.zero_optimization.stage: set by conure_dist"),
     ("deepspeed: {zero_optimization: {offload_optimizer: {device: cpu}}}\n", "offload is untested"),
     ("deepspeed: {fp16: {enabled: true}}\n", "deepspeed.fp16: refused"),
+    ("cluster: {reader: csv}\n", "cluster.reader: auto, files or parquet; got 'csv'"),
 ])
 def test_bad_config_files_are_refused_naming_the_file_and_key(dataset, tmp_path, text, message):
     path = tmp_path / "c.yaml"

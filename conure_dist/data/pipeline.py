@@ -130,23 +130,54 @@ def load_split_batches(info: DatasetInfo, task: str, split: str, batch_size: int
 # --- Ray Data -----------------------------------------------------------------------------
 
 
-def read_split(info: DatasetInfo, task: str, split: str, shuffle_files_seed: int | None = None) -> ray.data.Dataset:
+# How stage workers read a split's Parquet files. The reader decides the file order and the
+# block boundaries, which the per-worker shuffle buffer's output depends on, so it is a result
+# setting (``cluster.reader``): a run keeps the reader it was made with.
+#   files:   one block per file, read whole by ``pyarrow.parquet.read_table`` in a Ray task,
+#            files in a seeded numpy permutation (the default; several times faster to consume);
+#   parquet: ``ray.data.read_parquet`` with its own seeded file shuffle (runs made before the
+#            files reader existed).
+READERS = ("files", "parquet")
+
+
+def _read_file(batch: pa.Table) -> pa.Table:
+    """``map_batches`` over one-path batches: the whole Parquet file at that path."""
+    return pa.concat_tables([pq.read_table(path) for path in batch.column("path").to_pylist()])
+
+
+def read_split(info: DatasetInfo, task: str, split: str, shuffle_files_seed: int | None = None,
+               reader: str = "files") -> ray.data.Dataset:
     """A streaming Ray Dataset over one task split (nothing is read until it is iterated);
-    with ``shuffle_files_seed``, its Parquet files in an order fixed by that seed."""
-    shuffle = None
+    with ``shuffle_files_seed``, its Parquet files in an order fixed by that seed; ``reader``:
+    one of :data:`READERS`."""
+    return read_files(info.split_files(task, split), shuffle_files_seed, reader)
+
+
+def read_files(files: Sequence[str], shuffle_files_seed: int | None = None, reader: str = "files") -> ray.data.Dataset:
+    """A streaming Ray Dataset over these Parquet files (see :func:`read_split`)."""
+    files = list(files)
+    if reader == "parquet":
+        shuffle = None
+        if shuffle_files_seed is not None:
+            shuffle = ray.data.FileShuffleConfig(seed=shuffle_files_seed, reseed_after_execution=False)
+        return ray.data.read_parquet(files, shuffle=shuffle)
+    if reader != "files":
+        raise ValueError(f"unknown reader {reader!r}; one of {', '.join(READERS)}")
     if shuffle_files_seed is not None:
-        shuffle = ray.data.FileShuffleConfig(seed=shuffle_files_seed, reseed_after_execution=False)
-    return ray.data.read_parquet(info.split_files(task, split), shuffle=shuffle)
+        order = np.random.default_rng(shuffle_files_seed).permutation(len(files))
+        files = [files[i] for i in order]
+    paths = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+    return paths.map_batches(_read_file, batch_size=1, batch_format="pyarrow")
 
 
 def split_dataset(info: DatasetInfo, task: str, split: str, *, seed: int, cache_below_bytes: int,
-                  max_rows: int = 0) -> ray.data.Dataset:
+                  max_rows: int = 0, reader: str = "files") -> ray.data.Dataset:
     """The Ray Dataset a stage reads: train splits with their files in a seeded order (rows are
     shuffled again every epoch in each worker, see :func:`epoch_batches`); splits smaller than
     ``cache_below_bytes`` (uncompressed) read once into the object store, since Ray Data's
     per-epoch start-up dominates small splits. ``max_rows`` keeps the first rows of the split
     in file order (the rows :func:`load_split_batches` keeps), read once into the object store."""
-    ds = read_split(info, task, split, shuffle_files_seed=seed if split == "train" else None)
+    ds = read_split(info, task, split, shuffle_files_seed=seed if split == "train" else None, reader=reader)
     if max_rows:
         if split == "train":
             raise ValueError("max_rows limits evaluation splits only")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from conure_dist.config import ConfigError, ExperimentConfig
@@ -23,7 +23,7 @@ from conure_dist.train.capacity import check_capacity
 from conure_dist.train.executor import RayExecutor, StageFailed  # noqa: F401  (re-exported)
 from conure_dist.train.lock import LOCK_FILE, RunLock
 from conure_dist.train.machine import RunState, StageMachine
-from conure_dist.train.manifest import (RESUME_FREE_CLUSTER, Manifest, dataset_digest, format_diff, result_settings,
+from conure_dist.train.manifest import (ADDED_SETTINGS, RESUME_FREE_CLUSTER, Manifest, dataset_digest, format_diff, result_settings,
                                         settings_diff, settings_fingerprint)
 from conure_dist.train.plan import Ledger, Step, get_method
 from conure_dist.train.runner import build_model, fresh_weights
@@ -54,6 +54,7 @@ def open_run(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False, add_
     """Create the run directory, or reopen it to resume; refuse one made with other settings
     or by the other engine (DeepSpeed workers and the in-process optimizer differ in numerics)."""
     rundir = RunDir(run_dir)
+    exp = _resolve_reader(exp, rundir, new_run)
     names = [t.spec.name for t in exp.tasks]
     settings = _settings(exp)
     prunes = get_method(exp.method).masking
@@ -124,6 +125,17 @@ def open_run(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False, add_
     })
     _save_state(manifest, state, "init")
     return Run(exp, rundir, manifest, state)
+
+
+def _resolve_reader(exp: ExperimentConfig, rundir: RunDir, new_run: bool) -> ExperimentConfig:
+    """``cluster.reader: auto``: the reader a resumed run was made with (``parquet`` for runs made
+    before the setting existed), ``files`` for a new run. The reader fixes the data order."""
+    if exp.cluster.reader != "auto":
+        return exp
+    reader = "files"
+    if not new_run and rundir.exists(MANIFEST):
+        reader = _read_manifest(rundir)["settings"].get("cluster.reader", ADDED_SETTINGS["cluster.reader"])
+    return replace(exp, cluster=replace(exp.cluster, reader=reader))
 
 
 def _read_manifest(rundir: RunDir) -> dict[str, Any]:

@@ -110,7 +110,7 @@ class RayExecutor:
         if key not in self._datasets:
             self._datasets[key] = split_dataset(self.info, task, split, seed=self.exp.seed,
                                                 cache_below_bytes=self.exp.cluster.cache_splits_below_bytes,
-                                                max_rows=self._max_rows(split))
+                                                max_rows=self._max_rows(split), reader=self.exp.cluster.reader)
         return self._datasets[key]
 
     def _max_rows(self, split: str) -> int:

@@ -55,7 +55,7 @@ def result_settings(exp: ExperimentConfig, digest: str) -> dict[str, Any]:
 
 # Settings added after runs were first written, with the value an older run had in effect: a
 # manifest without them resumes when the new value is that one.
-ADDED_SETTINGS = {"max_eval_rows": 0, "tasks.*.train.max_steps": 0}
+ADDED_SETTINGS = {"max_eval_rows": 0, "tasks.*.train.max_steps": 0, "cluster.reader": "parquet"}
 
 
 def _added_default(key: str) -> Any:
