@@ -279,8 +279,8 @@ def _heads(i: SizingInputs) -> int:
     return i.total_label_space if i.total_label_space is not None else i.max_label_space
 
 
-def _trainable(i: SizingInputs, p: dict[str, int]) -> tuple[int, int]:
-    """(trainable elements, largest trainable tensor) in this stage.
+def _trainable(i: SizingInputs, p: dict[str, int]) -> int:
+    """Trainable elements in this stage.
 
     T1 trains everything it has. Later tasks train only tensors that still have free
     entries (the conv weights, the embedding when it is prunable) and their own head;
@@ -288,18 +288,9 @@ def _trainable(i: SizingInputs, p: dict[str, int]) -> tuple[int, int]:
     so DeepSpeed gives them neither gradients nor optimizer state. (Masked entries of a
     trainable tensor still cost the whole tensor: DeepSpeed flattens whole tensors.)
     """
-    f = i.embed_dim
     if i.task_kind == "sequence":
-        tensors = [p["embedding"], p["output_layer"] - (i.num_items + 1), i.num_items + 1]
-        tensors += [f * f * i.kernel_size, f, f, f]  # one conv layer's weight/bias, LN scale/shift
-        trainable = p["embedding"] + p["output_layer"] + p["conv_weight"] + p["backbone_other"]
-    else:
-        tensors = [f * f * i.kernel_size, i.max_label_space * f]
-        trainable = p["conv_weight"] + p["largest_head"]
-        if i.prune_embedding:
-            tensors.append(p["embedding"])
-            trainable += p["embedding"]
-    return trainable, max(tensors)
+        return p["embedding"] + p["output_layer"] + p["conv_weight"] + p["backbone_other"]
+    return p["conv_weight"] + p["largest_head"] + (p["embedding"] if i.prune_embedding else 0)
 
 
 def _guard_bytes(i: SizingInputs, p: dict[str, int], lp: int) -> int:
@@ -344,7 +335,7 @@ def _device_components(i: SizingInputs) -> tuple[dict[str, int], dict[str, int]]
     p = _param_counts(i)
     lp = LOW_PRECISION_BYTES[i.precision]  # bytes per module param / grad / activation
     n = i.num_workers
-    trainable, largest = _trainable(i, p)
+    trainable = _trainable(i, p)
     shard = math.ceil(trainable / n)  # ZeRO partitions flat buffers evenly (padding ignored)
 
     c: dict[str, int] = {}
@@ -366,12 +357,12 @@ def _device_components(i: SizingInputs) -> tuple[dict[str, int], dict[str, int]]
     c["frozen_guard_copies"] = _guard_bytes(i, p, lp)
 
     # Gradients in the module dtype. ZeRO-0 and ZeRO-1 keep every trainable gradient on
-    # every worker; ZeRO-2 keeps only this worker's 1/n partition, plus the largest single
-    # gradient, which exists in full until it is reduced into the partition.
+    # every worker. ZeRO-2 keeps only this worker's 1/n partition; during backward each
+    # gradient is copied into the reduction bucket as soon as it is produced (counted there).
     if i.zero_stage < 2:
         c["gradients"] = trainable * lp
     else:
-        c["gradients"] = (shard + largest) * lp
+        c["gradients"] = shard * lp
 
     # fp32 master weights and the fp32 gradient the optimizer steps on.
     #   bf16, ZeRO-0: DeepSpeed's bf16 wrapper keeps a full fp32 copy of the trainable
@@ -427,6 +418,19 @@ def _device_components(i: SizingInputs) -> tuple[dict[str, int], dict[str, int]]
     eval_scores = EVAL_BATCH_FACTOR * i.batch_size * candidates * (lp + FP32_BYTES + BOOL_BYTES)
     train_transient = c["activations"] + c.get("sampled_softmax_logits", 0) + c.get("head_logits", 0)
     c["evaluation_headroom"] = max(0, eval_scores - train_transient)
+
+    # Not everything above is alive at once. A step has two phases, and the peak is the larger:
+    #   backward:  the activations and logits (plus, under ZeRO-1/2, the reduction bucket the
+    #              gradients are copied into as backward produces them);
+    #   after it:  ZeRO-0 flattens the gradients into the all-reduce bucket; ZeRO-1/2 step on
+    #              the gradient partition (ZeRO-2) and its flat fp32 copy.
+    # The smaller phase is freed before the larger one peaks (measured per worker on a T1
+    # stage at 646K items, fp32, 2 workers: 7.82 GiB under ZeRO-0 and 7.22 GiB under ZeRO-2,
+    # against 10.2 GiB planned when every row was summed; BENCHMARKS.md).
+    backward = train_transient + (c["reduce_bucket"] if i.zero_stage > 0 else 0)
+    after = c["reduce_bucket"] if i.zero_stage == 0 else (
+        c["master_gradients_fp32"] + (c["gradients"] if i.zero_stage == 2 else 0))
+    c["freed_before_the_peak"] = -min(backward, after)
 
     tensors = sum(c.values())
     fixed = GPU_CONTEXT_BYTES if i.use_gpu else CPU_PROCESS_BYTES

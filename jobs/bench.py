@@ -997,12 +997,13 @@ def all_benchmarks(workdir: str, tiny: bool) -> list[tuple[str, list[str]]]:
     return [
         ("backbone", []),
         ("masks", ["--repeats", "15"]),
-        ("t1-step", ["--repeats", "2"]),
+        ("t1-step", ["--repeats", "2", "--full-batch", "8"]),
         ("prune", []),
         ("guard", []),
         ("item-step", []),
-        ("serve", ["--workdir", os.path.join(workdir, "serve"), "--repeats", "50"]),
-        ("pipeline", ["--data", os.path.join(workdir, "ttl-small"), "--max-files", "3", "--epochs", "2"]),
+        ("serve", ["--workdir", os.path.join(workdir, "serve"), "--repeats", "50", "--users", "1024"]),
+        ("pipeline", ["--data", os.path.join(workdir, "ttl-small"), "--max-files", "3", "--epochs", "2",
+                      "--workers", "1"]),
         ("batch-mix", ["--data", demo, "--preset", "demo", "--task", "click", "--batch-size", "256"]),
         ("scaling", ["--data", os.path.join(workdir, "ttl-small"), "--workdir", os.path.join(workdir, "scaling")]),
     ]

@@ -81,6 +81,12 @@ def test_three_tasks_two_workers_no_forgetting_and_worker_retry(dataset, ray_clu
         s = manifest["stages"][key]
         assert len(s["peak_rss_bytes"]) == 2 and all(100 * 2**20 < b < 64 * 2**30 for b in s["peak_rss_bytes"]), s
         assert s["driver_peak_rss_bytes"] > 100 * 2**20
+        marks = s["memory_milestones"]  # how rank 0's peak built up: never falling, ending at its peak
+        order = ["model", "engine", "first_step", "stage_end"]
+        assert sorted(marks) == sorted(order), marks
+        peaks = [marks[k]["peak_rss_bytes"] for k in order]
+        assert peaks == sorted(peaks) and peaks[-1] <= s["peak_rss_bytes"][0]
+        assert all(100 * 2**20 < m["rss_bytes"] <= m["peak_rss_bytes"] for m in marks.values()), marks
     # An epoch's examples are those of both workers: the whole (padded) train split.
     from conure_dist.data.format import load_dataset_info
 

@@ -59,6 +59,10 @@ class RayExecutor:
         the optimizer step at which rank 0 raises an exception / is killed by SIGKILL, once."""
         from conure_dist.data.format import load_dataset_info
 
+        if exp.cluster.reader == "auto":  # the run's own reader, as open_run resolved and recorded it
+            from dataclasses import replace
+
+            exp = replace(exp, cluster=replace(exp.cluster, reader=manifest.data["settings"]["cluster.reader"]))
         self.exp, self.rundir, self.manifest = exp, rundir, manifest
         self.run_id = manifest.data["run_id"]
         self.info = load_dataset_info(exp.dataset)
@@ -164,7 +168,7 @@ class RayExecutor:
             best = load_file(os.path.join(d, BEST_FILE))
             outcome = json.load(open(os.path.join(d, RESULT_FILE)))
         timing = outcome["timing"]
-        overhead = {k: timing[k] for k in ("peak_rss_bytes", "peak_gpu_bytes") if k in timing}
+        overhead = {k: timing[k] for k in ("peak_rss_bytes", "peak_gpu_bytes", "memory_milestones") if k in timing}
         overhead["driver_peak_rss_bytes"] = peak_rss_bytes()
         if timing.get("first_step") and timing.get("last_step"):
             overhead.update(startup_s=round(timing["first_step"] - started, 2), teardown_s=round(finished - timing["last_step"], 2))

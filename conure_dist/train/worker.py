@@ -69,6 +69,21 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux; 0 where ``/proc`` is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _milestone(timing: dict, name: str) -> None:
+    """Resident memory now and the peak so far, at a named point of the stage (this rank's):
+    how the peak builds up, next to the plan's components."""
+    timing.setdefault("memory_milestones", {})[name] = {"rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes()}
+
+
 def _peak_memory(device: torch.device) -> dict[str, list[int]]:
     """Every rank's peak resident memory (and peak GPU memory allocated, on GPUs), gathered."""
     mine = [peak_rss_bytes()] + ([torch.cuda.max_memory_allocated(device)] if device.type == "cuda" else [])
@@ -112,12 +127,15 @@ def stage_worker(config: dict[str, Any]) -> None:
     stage = Stage(config["stage"])
     epochs = train.epochs if stage is Stage.TRAIN else train.retrain_epochs
     events = config.get("events") if rank == 0 else None
+    timing = {"fit_started": config["fit_started"], "first_step": None, "last_step": None}
     model, owners = _build_model(exp, rundir, config)
     model.set_view(owners, spec.name, stage, config.get("scope", "all"))
     model.to(device)
+    _milestone(timing, "model")
     micro_batch = max(1, math.ceil(train.batch_size / world))
     stepper = DeepSpeedStepper(model, train, EngineSettings(exp.cluster.zero_stage, exp.cluster.resolved_precision, micro_batch),
                                exp.deepspeed)
+    _milestone(timing, "engine")
 
     if rank == 0:
         _log(f"[{spec.name}/{stage.value}] {world} workers started {entered - config['fit_started']:.1f}s after fit(); "
@@ -162,7 +180,6 @@ def stage_worker(config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("validation")
     steps_per_epoch = max(1, math.ceil(config["train_rows"] / (micro_batch * world)))
     tb = _tensorboard(config, rank)
-    timing = {"fit_started": config["fit_started"], "first_step": None, "last_step": None}
     window = {"t": time.perf_counter(), "step": progress.step, "loss": 0.0, "n": 0}
     # A failure injected by tests, once, at this optimizer step, in rank 0: an exception, or
     # the process killed by SIGKILL (no exception, no cleanup: what the OOM killer does).
@@ -188,6 +205,8 @@ def stage_worker(config: dict[str, Any]) -> None:
 
     def on_step(p: StageProgress, loss: float) -> None:
         now = time.time()
+        if timing["first_step"] is None:
+            _milestone(timing, "first_step")
         timing["first_step"] = timing["first_step"] or now
         timing["last_step"] = now
         window["loss"] += loss
@@ -250,6 +269,7 @@ def stage_worker(config: dict[str, Any]) -> None:
         )
     if best is None:
         best = stepper.fp32_weights()
+    _milestone(timing, "stage_end")
     timing.update(_peak_memory(device))
     # The final checkpoint is also the stage's result: best weights, progress and timings.
     _report(stepper, progress, best, rank, {"done": 1, "epoch": progress.epoch}, attempt,
