@@ -191,7 +191,7 @@ class ClusterConfig:
         _require(self.log_every_steps >= 1, "cluster.log_every_steps", "must be >= 1")
         _require(self.cache_splits_below_bytes >= 0, "cluster.cache_splits_below_bytes", "must be >= 0")
         _require(self.reader in ("auto", "files", "parquet"), "cluster.reader",
-                 f"auto, files or parquet; got {self.reader!r}")
+                 f"one of auto, files, parquet; got {self.reader!r}")
 
     @property
     def resolved_precision(self) -> str:

@@ -279,8 +279,8 @@ def _heads(i: SizingInputs) -> int:
     return i.total_label_space if i.total_label_space is not None else i.max_label_space
 
 
-def _trainable(i: SizingInputs, p: dict[str, int]) -> int:
-    """Trainable elements in this stage.
+def _trainable(i: SizingInputs, p: dict[str, int]) -> tuple[int, int]:
+    """(trainable elements, largest trainable tensor) in this stage.
 
     T1 trains everything it has. Later tasks train only tensors that still have free
     entries (the conv weights, the embedding when it is prunable) and their own head;
@@ -288,9 +288,13 @@ def _trainable(i: SizingInputs, p: dict[str, int]) -> int:
     so DeepSpeed gives them neither gradients nor optimizer state. (Masked entries of a
     trainable tensor still cost the whole tensor: DeepSpeed flattens whole tensors.)
     """
+    f = i.embed_dim
+    conv_layer = f * f * i.kernel_size
     if i.task_kind == "sequence":
-        return p["embedding"] + p["output_layer"] + p["conv_weight"] + p["backbone_other"]
-    return p["conv_weight"] + p["largest_head"] + (p["embedding"] if i.prune_embedding else 0)
+        trainable = p["embedding"] + p["output_layer"] + p["conv_weight"] + p["backbone_other"]
+        return trainable, max(p["embedding"], conv_layer)
+    embedding = p["embedding"] if i.prune_embedding else 0
+    return p["conv_weight"] + p["largest_head"] + embedding, max(conv_layer, i.max_label_space * f, embedding)
 
 
 def _guard_bytes(i: SizingInputs, p: dict[str, int], lp: int) -> int:
@@ -335,7 +339,7 @@ def _device_components(i: SizingInputs) -> tuple[dict[str, int], dict[str, int]]
     p = _param_counts(i)
     lp = LOW_PRECISION_BYTES[i.precision]  # bytes per module param / grad / activation
     n = i.num_workers
-    trainable = _trainable(i, p)
+    trainable, largest = _trainable(i, p)
     shard = math.ceil(trainable / n)  # ZeRO partitions flat buffers evenly (padding ignored)
 
     c: dict[str, int] = {}
@@ -427,7 +431,12 @@ def _device_components(i: SizingInputs) -> tuple[dict[str, int], dict[str, int]]
     # The smaller phase is freed before the larger one peaks (measured per worker on a T1
     # stage at 646K items, fp32, 2 workers: 7.82 GiB under ZeRO-0 and 7.22 GiB under ZeRO-2,
     # against 10.2 GiB planned when every row was summed; BENCHMARKS.md).
-    backward = train_transient + (c["reduce_bucket"] if i.zero_stage > 0 else 0)
+    if i.zero_stage > 0:
+        # Each gradient exists in full until it is copied into the bucket. The largest (T1: the
+        # embedding's, produced last in backward, once the logits are freed) counts where it
+        # outgrows the activations and logits.
+        c["largest_gradient_in_full"] = max(0, largest * lp - train_transient)
+    backward = train_transient + (c["reduce_bucket"] + c["largest_gradient_in_full"] if i.zero_stage > 0 else 0)
     after = c["reduce_bucket"] if i.zero_stage == 0 else (
         c["master_gradients_fp32"] + (c["gradients"] if i.zero_stage == 2 else 0))
     c["freed_before_the_peak"] = -min(backward, after)

@@ -354,7 +354,7 @@ def run_batch_mix(args: argparse.Namespace) -> dict:
     try:
         TorchTrainer(loop, train_loop_config={"readings": readings, "batch_size": args.batch_size, "results": results,
                                               "with_label": info.task(args.task).has_label},
-                     datasets={"train": split_dataset(info, args.task, "train", seed=0, cache_below_bytes=2**30)},
+                     datasets={"train": split_dataset(info, args.task, "train", seed=0, cache_below_bytes=2**30, reader="files")},
                      dataset_config=ExactlyOnceDataConfig.for_splits(info, args.task, ["train"]),
                      scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
                      run_config=RunConfig(name="mix", storage_path=tempfile.mkdtemp(prefix="bench-"),

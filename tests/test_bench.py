@@ -58,7 +58,7 @@ def test_ray_benchmarks_at_a_tiny_size(bench, tmp_path):
     assert sizes["owner_map"] > 0 and sizes["one_backbone_per_task"] > sizes["weights"]
     assert set(r["serve"]["latency_ms"]) == {"float32/pretrain", "float32/click", "bfloat16/pretrain", "bfloat16/click"}
     readers = {(m["reader"], m["workers"]) for m in r["pipeline"]["measurements"]}
-    assert readers == {("pyarrow", 1), ("pyarrow+pad", 1), ("ray", 1)}
+    assert readers == {("pyarrow", 1), ("pyarrow+pad", 1), ("ray (files)", 1), ("ray (parquet)", 1)}
     assert all(m["rows"] > 0 for m in r["pipeline"]["measurements"])
     assert r["batch-mix"]["stored order"]["batches"] > 0
     one, two = r["scaling"].values()

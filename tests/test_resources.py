@@ -96,6 +96,8 @@ def test_tiny_item_task_bf16_gpu_zero2_by_hand():
         # [1 row, |Y| = 5] x (4 fp32 copies + bool + the bf16 matmul output)
         "head_logits": 1 * 5 * (16 + 2),
         "evaluation_headroom": 0,  # 4 * 2 rows x 5 labels x 7 B = 280 < 336 + 90
+        # the largest gradient in full (a conv weight, 48 x 2 B) fits in what backward frees
+        "largest_gradient_in_full": 0,
         # backward: activations 336 + logits 90 + bucket 16 = 442; after it: the gradient
         # partition 122 + its fp32 copy 244 = 366, the smaller phase
         "freed_before_the_peak": -366,
@@ -320,3 +322,16 @@ def test_distinct_draws_match_what_the_sampler_draws(sampler):
     assert inputs.distinct_sampled < inputs.num_sampled
     assert abs(inputs.distinct_sampled - sum(seen) / 3) < 0.01 * inputs.distinct_sampled, (inputs.distinct_sampled, seen)
     assert replace(inputs, sample_ratio=1.0).distinct_sampled == 50_000  # the exact softmax: every item
+
+
+def test_zero2_counts_the_largest_gradient_where_it_outgrows_activations_and_logits():
+    """Many workers shrink the per-worker batch (activations, logits) but not the embedding's
+    gradient, which exists in full before it is copied into the reduction bucket."""
+    for workers in (4, 64):
+        plan = plan_worker(replace(TTL, zero_stage=2, num_workers=workers))
+        c = plan.components
+        transient = c["activations"] + c["sampled_softmax_logits"]
+        embedding_grad = (646_000 + 1) * 256 * 2
+        assert c["largest_gradient_in_full"] == max(0, embedding_grad - transient)
+    assert plan.components["largest_gradient_in_full"] > 0  # 64 workers: 1 row each
+    assert "largest_gradient_in_full" not in plan_worker(TTL).components  # ZeRO-0 reduces after backward

@@ -15,6 +15,7 @@ from conure_dist.config import ClusterConfig, ExperimentConfig, ModelConfig, Tas
 from conure_dist.data.synthetic import SyntheticConfig, prepare_synthetic
 from conure_dist.train.coordinator import open_run
 from conure_dist.train.lock import LOCK_FILE, RunLock
+from conure_dist.train.manifest import Manifest
 from conure_dist.train.rundir import RunDir, RunDirError
 
 TINY = SyntheticConfig(num_users=120, num_items=40, seq_len=8, min_seq_len=3, num_topics=4, click_labels=10,
@@ -226,10 +227,16 @@ def test_a_new_run_reads_files_whole_and_a_resumed_run_keeps_the_reader_it_was_m
     manifest = rundir.read_json("manifest.json")
     del manifest["settings"]["cluster.reader"]
     rundir.write_json("manifest.json", manifest)
+    from conure_dist.train.executor import RayExecutor
+
+    assert RayExecutor(exp, rundir, Manifest(rundir, manifest)).exp.cluster.reader == "parquet"  # from the manifest
     again = open_run(exp, run_dir)
     assert again.exp.cluster.reader == "parquet" and again.manifest.data["settings"]["cluster.reader"] == "parquet"
     assert again.manifest.data["run_id"] == first.manifest.data["run_id"]
+    assert RayExecutor(exp, rundir, again.manifest).exp.cluster.reader == "parquet"
     files = dataclasses.replace(exp, cluster=dataclasses.replace(exp.cluster, reader="files"))
+    with pytest.raises(RunDirError, match="made with cluster.reader parquet; got files"):
+        RayExecutor(files, rundir, again.manifest)
     with pytest.raises(RunDirError, match=r"cluster\.reader +\"parquet\" +\"files\""):
         open_run(files, run_dir)
     assert open_run(exp, run_dir, new_run=True).exp.cluster.reader == "files"

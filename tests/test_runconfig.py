@@ -165,7 +165,7 @@ def test_the_worker_builds_its_model_and_deepspeed_config_from_those_settings(da
     ("deepspeed: {zero_optimization: {stage: 3}}\n", "deepspeed.zero_optimization.stage: set by conure_dist"),
     ("deepspeed: {zero_optimization: {offload_optimizer: {device: cpu}}}\n", "offload is untested"),
     ("deepspeed: {fp16: {enabled: true}}\n", "deepspeed.fp16: refused"),
-    ("cluster: {reader: csv}\n", "cluster.reader: auto, files or parquet; got 'csv'"),
+    ("cluster: {reader: csv}\n", "cluster.reader: one of auto, files, parquet; got 'csv'"),
 ])
 def test_bad_config_files_are_refused_naming_the_file_and_key(dataset, tmp_path, text, message):
     path = tmp_path / "c.yaml"

@@ -133,7 +133,8 @@ def load_split_batches(info: DatasetInfo, task: str, split: str, batch_size: int
 # How stage workers read a split's Parquet files. The reader decides the file order and the
 # block boundaries, which the per-worker shuffle buffer's output depends on, so it is a result
 # setting (``cluster.reader``): a run keeps the reader it was made with.
-#   files:   one block per file, read whole by ``pyarrow.parquet.read_table`` in a Ray task,
+#   files:   each file read whole by ``pyarrow.parquet.read_table`` in a Ray task (one block per
+#            file; Ray Data slices a file larger than its target block size, 128 MiB by default),
 #            files in a seeded numpy permutation (the default; several times faster to consume);
 #   parquet: ``ray.data.read_parquet`` with its own seeded file shuffle (runs made before the
 #            files reader existed).
@@ -162,7 +163,8 @@ def read_files(files: Sequence[str], shuffle_files_seed: int | None = None, read
             shuffle = ray.data.FileShuffleConfig(seed=shuffle_files_seed, reseed_after_execution=False)
         return ray.data.read_parquet(files, shuffle=shuffle)
     if reader != "files":
-        raise ValueError(f"unknown reader {reader!r}; one of {', '.join(READERS)}")
+        hint = " (cluster.reader auto is resolved when the run is opened)" if reader == "auto" else ""
+        raise ValueError(f"unknown reader {reader!r}; one of {', '.join(READERS)}{hint}")
     if shuffle_files_seed is not None:
         order = np.random.default_rng(shuffle_files_seed).permutation(len(files))
         files = [files[i] for i in order]
@@ -170,8 +172,8 @@ def read_files(files: Sequence[str], shuffle_files_seed: int | None = None, read
     return paths.map_batches(_read_file, batch_size=1, batch_format="pyarrow")
 
 
-def split_dataset(info: DatasetInfo, task: str, split: str, *, seed: int, cache_below_bytes: int,
-                  max_rows: int = 0, reader: str = "files") -> ray.data.Dataset:
+def split_dataset(info: DatasetInfo, task: str, split: str, *, seed: int, cache_below_bytes: int, reader: str,
+                  max_rows: int = 0) -> ray.data.Dataset:
     """The Ray Dataset a stage reads: train splits with their files in a seeded order (rows are
     shuffled again every epoch in each worker, see :func:`epoch_batches`); splits smaller than
     ``cache_below_bytes`` (uncompressed) read once into the object store, since Ray Data's

@@ -135,6 +135,8 @@ def _resolve_reader(exp: ExperimentConfig, rundir: RunDir, new_run: bool) -> Exp
     reader = "files"
     if not new_run and rundir.exists(MANIFEST):
         reader = _read_manifest(rundir)["settings"].get("cluster.reader", ADDED_SETTINGS["cluster.reader"])
+        if reader != "files":
+            _log(f"cluster.reader auto: this run keeps the reader it was made with ({reader})")
     return replace(exp, cluster=replace(exp.cluster, reader=reader))
 
 

@@ -19,7 +19,7 @@ import torch
 
 from conure_dist.config import ExperimentConfig, TaskPlan
 from conure_dist.model import OwnerMap, Stage, Weights
-from conure_dist.train.rundir import RunDir
+from conure_dist.train.rundir import RunDir, RunDirError
 from conure_dist.train.worker import BEST_FILE, RESULT_FILE, evaluate_worker, peak_rss_bytes, stage_worker
 
 if TYPE_CHECKING:
@@ -59,10 +59,17 @@ class RayExecutor:
         the optimizer step at which rank 0 raises an exception / is killed by SIGKILL, once."""
         from conure_dist.data.format import load_dataset_info
 
-        if exp.cluster.reader == "auto":  # the run's own reader, as open_run resolved and recorded it
+        from conure_dist.train.manifest import ADDED_SETTINGS
+
+        # The run's own reader, as open_run resolved and recorded it: it is part of the data order.
+        recorded = manifest.data["settings"].get("cluster.reader", ADDED_SETTINGS["cluster.reader"])
+        if exp.cluster.reader == "auto":
             from dataclasses import replace
 
-            exp = replace(exp, cluster=replace(exp.cluster, reader=manifest.data["settings"]["cluster.reader"]))
+            exp = replace(exp, cluster=replace(exp.cluster, reader=recorded))
+        elif exp.cluster.reader != recorded:
+            raise RunDirError(f"{rundir.uri} was made with cluster.reader {recorded}; got {exp.cluster.reader} "
+                              "(the reader is part of the data order)")
         self.exp, self.rundir, self.manifest = exp, rundir, manifest
         self.run_id = manifest.data["run_id"]
         self.info = load_dataset_info(exp.dataset)
