@@ -23,8 +23,8 @@ from conure_dist.train.capacity import check_capacity
 from conure_dist.train.executor import RayExecutor, StageFailed  # noqa: F401  (re-exported)
 from conure_dist.train.lock import LOCK_FILE, RunLock
 from conure_dist.train.machine import RunState, StageMachine
-from conure_dist.train.manifest import (ADDED_SETTINGS, RESUME_FREE_CLUSTER, Manifest, dataset_digest, format_diff, result_settings,
-                                        settings_diff, settings_fingerprint)
+from conure_dist.train.manifest import (RESUME_FREE_CLUSTER, Manifest, dataset_digest, format_diff, recorded_reader,
+                                        result_settings, settings_diff, settings_fingerprint)
 from conure_dist.train.plan import Ledger, Step, get_method
 from conure_dist.train.runner import build_model, fresh_weights
 from conure_dist.train.rundir import FORMAT_VERSION, MANIFEST, RunDir, RunDirError, csv_text, damaged, digest, now
@@ -134,7 +134,7 @@ def _resolve_reader(exp: ExperimentConfig, rundir: RunDir, new_run: bool) -> Exp
         return exp
     reader = "files"
     if not new_run and rundir.exists(MANIFEST):
-        reader = _read_manifest(rundir)["settings"].get("cluster.reader", ADDED_SETTINGS["cluster.reader"])
+        reader = recorded_reader(_read_manifest(rundir)["settings"])
         if reader != "files":
             _log(f"cluster.reader auto: this run keeps the reader it was made with ({reader})")
     return replace(exp, cluster=replace(exp.cluster, reader=reader))

@@ -59,10 +59,10 @@ class RayExecutor:
         the optimizer step at which rank 0 raises an exception / is killed by SIGKILL, once."""
         from conure_dist.data.format import load_dataset_info
 
-        from conure_dist.train.manifest import ADDED_SETTINGS
+        from conure_dist.train.manifest import recorded_reader
 
         # The run's own reader, as open_run resolved and recorded it: it is part of the data order.
-        recorded = manifest.data["settings"].get("cluster.reader", ADDED_SETTINGS["cluster.reader"])
+        recorded = recorded_reader(manifest.data["settings"])
         if exp.cluster.reader == "auto":
             from dataclasses import replace
 

@@ -58,6 +58,12 @@ def result_settings(exp: ExperimentConfig, digest: str) -> dict[str, Any]:
 ADDED_SETTINGS = {"max_eval_rows": 0, "tasks.*.train.max_steps": 0, "cluster.reader": "parquet"}
 
 
+def recorded_reader(settings: Mapping[str, Any]) -> str:
+    """The Parquet reader a run was made with (``cluster.reader``; runs made before the setting:
+    the value it had then)."""
+    return settings.get("cluster.reader", ADDED_SETTINGS["cluster.reader"])
+
+
 def _added_default(key: str) -> Any:
     parts = key.split(".")
     for pattern, value in ADDED_SETTINGS.items():
