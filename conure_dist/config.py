@@ -167,7 +167,7 @@ class ClusterConfig:
     memory_per_worker: int = 0  # bytes requested per worker (0 = none); see conure_dist.resources
     zero_stage: int = 0
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    max_failures: int = 1  # worker failures retried from the last checkpoint, per stage
+    max_failures: int = 1  # worker failures retried from the last checkpoint, per stage or evaluation
     checkpoint_every_steps: int = 0  # 0: at each epoch end only
     log_every_steps: int = 50
     # Splits smaller than this (uncompressed) are read once into Ray's object store and reused
@@ -177,6 +177,10 @@ class ClusterConfig:
     # block boundaries, so the data order: a result setting. auto: "files" for a new run, and a
     # resumed run keeps the reader it was made with ("parquet" for runs made before the setting).
     reader: str = "auto"
+    # run: one Ray Train worker group (the session) runs every stage and evaluation of a driver;
+    # stage: a new group for each (the cluster is free while the coordinator prunes and
+    # evaluates in between, at the cost of starting workers every time). Results are the same.
+    worker_group: str = "run"
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 1, "cluster.num_workers", "must be >= 1")
@@ -192,6 +196,7 @@ class ClusterConfig:
         _require(self.cache_splits_below_bytes >= 0, "cluster.cache_splits_below_bytes", "must be >= 0")
         _require(self.reader in ("auto", "files", "parquet"), "cluster.reader",
                  f"one of auto, files, parquet; got {self.reader!r}")
+        _require(self.worker_group in ("run", "stage"), "cluster.worker_group", f"run or stage; got {self.worker_group!r}")
 
     @property
     def resolved_precision(self) -> str:

@@ -119,7 +119,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, preset: str) -> None:
     cluster.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (default 0.5 on CPU, leaving room for Ray Data; 4 on GPU)")
     cluster.add_argument("--zero-stage", type=int, choices=[0, 1, 2], help=f"DeepSpeed ZeRO stage{d(base.cluster.zero_stage)}")
     cluster.add_argument("--precision", choices=["auto", "fp32", "bf16"], help=f"auto: bf16 on GPU, fp32 on CPU{d(base.cluster.precision)}")
-    cluster.add_argument("--max-failures", type=int, help=f"worker failures retried per stage{d(base.cluster.max_failures)}")
+    cluster.add_argument("--max-failures", type=int, help=f"worker failures retried per stage or evaluation{d(base.cluster.max_failures)}")
     cluster.add_argument("--checkpoint-every", type=int, help=f"steps between checkpoints, 0: each epoch end{d(base.cluster.checkpoint_every_steps)}")
     cluster.add_argument("--log-every", type=int, help=f"steps between progress lines in the log file{d(base.cluster.log_every_steps)}")
     cluster.add_argument("--deepspeed-config", metavar="FILE",

@@ -124,7 +124,8 @@ def hms(seconds: float) -> str:
 class RunClock:
     """ETA of the stage (its remaining epochs at the measured speed; early stopping can only make
     it shorter) and of the run: the remaining epochs of later stages at the current speed, plus
-    each remaining Ray Train fit's fixed cost (start-up, evaluation) as measured so far."""
+    each remaining stage's or evaluation's fixed cost as measured so far (the first one, which
+    also started the workers, is left out once there are others)."""
 
     def __init__(self) -> None:
         self.remaining_examples = 0  # epochs x train rows of the stages after the current one
@@ -146,7 +147,8 @@ class RunClock:
         self._epoch_seconds += e["seconds"]
         rate = e.get("examples_per_s") or 0.0
         stage_eta = 0.0 if e.get("last") else (e["epochs"] - e["epoch"]) * e["seconds"]
-        fixed = sum(self.fixed_costs) / len(self.fixed_costs) if self.fixed_costs else 0.0
+        costs = self.fixed_costs[1:] or self.fixed_costs
+        fixed = sum(costs) / len(costs) if costs else 0.0
         run_eta = stage_eta + (self.remaining_examples / rate if rate > 0 else 0.0) + fixed * self.remaining_fits
         metric = f"val {e['metric']} {e['value']:.4f}{' (best)' if e.get('improved') else ''}" if e.get("metric") else ""
         wait = f"  waiting for data {100 * e['data_wait_s'] / e['train_s']:.0f} %" if e.get("train_s") else ""

@@ -55,6 +55,13 @@ step time spent waiting for data, start-up and peak memory per worker, from the 
 
     python jobs/bench.py scaling --data /tmp/conure-bench/ttl-small
 
+``fixed-cost``: the same small plan through the real path twice, a new Ray Train worker group
+for every stage and evaluation against one group for the whole run: wall time, each task's
+fixed cost (outside optimizer steps, validation and test evaluation) and the share of the run
+in steps and evaluation, from the manifests; the two runs' metrics must be equal.
+
+    python jobs/bench.py fixed-cost -- --epochs 1 --retrain-epochs 1
+
 ``all``: every benchmark above in turn into one JSON file (``--tiny``: each at a size that only
 proves it runs, as the tests do).
 
@@ -712,6 +719,69 @@ def run_scaling(args: argparse.Namespace) -> dict:
     return out
 
 
+def task_time(manifest: dict, task: str) -> dict:
+    """Where one task's wall time went (train through commit), from a run's manifest: optimizer
+    steps (``train_s`` less the wait for data), waiting for data, validation, test evaluation
+    (the workers' own time where recorded), and the rest: the fixed cost."""
+    stages = {k: v for k, v in manifest["stages"].items() if k.split("/")[0] == task}
+    wall = max(v["finished"] for v in stages.values()) - min(v["started"] for v in stages.values())
+    epochs = [h for v in stages.values() for h in v.get("history", [])]
+    commit = stages[f"{task}/commit"]
+    out = {"wall_s": wall, "steps_s": sum(h["train_s"] - h["data_wait_s"] for h in epochs),
+           "data_wait_s": sum(h["data_wait_s"] for h in epochs),
+           "validation_s": sum(h["seconds"] - h["train_s"] for h in epochs),
+           "test_eval_s": commit.get("eval_seconds", commit["seconds"])}
+    out["fixed_s"] = wall - out["steps_s"] - out["validation_s"] - out["test_eval_s"]
+    return out
+
+
+def run_fixed_cost(args: argparse.Namespace) -> dict:
+    """The same plan through the real path twice: a new Ray Train worker group for every stage
+    and evaluation (``cluster.worker_group: stage``, the layout before the session) against one
+    group for the whole run (``run``). Per task: its fixed cost (wall time outside optimizer
+    steps, validation and test evaluation, data waits included); per run: the share of wall
+    time in steps and evaluation. Both runs must give the same metrics, bit for bit."""
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    import ray
+
+    from conure_dist.jobs.ttl import main as ttl_main
+    from conure_dist.train.rundir import RunDir
+
+    _dataset(args.data, args.preset)
+    ray.init(address="local", num_cpus=args.num_cpus, logging_level=logging.WARNING, include_dashboard=False)
+    out, accuracy = {}, {}
+    try:
+        for group in ("run", "stage"):  # the baseline second: it gets the warmer caches
+            run_dir = os.path.join(args.workdir, f"fixed-cost-{group}")
+            argv = ["--data", args.data, "--preset", args.preset, "--tasks", args.tasks, "--run-dir", run_dir,
+                    "--new-run", "--set", f"cluster.worker_group={group}", *args.extra]
+            t = time.perf_counter()
+            if ttl_main(argv) != 0:
+                raise RuntimeError(f"the run {' '.join(argv)} failed")
+            wall = time.perf_counter() - t
+            manifest = RunDir(run_dir).read_json("manifest.json")
+            accuracy[group] = manifest["accuracy"]
+            tasks = {task: task_time(manifest, task) for task in manifest["tasks"]}
+            busy = sum(v["steps_s"] + v["validation_s"] + v["test_eval_s"] for v in tasks.values())
+            out[group] = row = {"run_wall_s": wall, "tasks": tasks, "steps_and_eval_share": busy / wall,
+                                "stages_s": {k: v.get("seconds") for k, v in manifest["stages"].items()}}
+            print(f"worker_group {group}: {wall:.1f} s wall, {100 * row['steps_and_eval_share']:.1f} % of it in steps "
+                  "and evaluation; fixed cost per task: "
+                  + ", ".join(f"{task} {v['fixed_s']:.1f} s" for task, v in tasks.items()), flush=True)
+    finally:
+        ray.shutdown()
+    out = {"stage": out["stage"], "run": out["run"]}
+    if accuracy["stage"] != accuracy["run"]:
+        raise RuntimeError(f"the two runs' metrics differ: {accuracy['stage']} against {accuracy['run']}")
+    ratio = out["stage"]["run_wall_s"] / out["run"]["run_wall_s"]
+    later = [t for t in out["run"]["tasks"]][1:] or list(out["run"]["tasks"])
+    print(f"one worker group per run / one per stage: {ratio:.2f}x less wall time, the same metrics; tasks after "
+          f"the first: {max(out['run']['tasks'][t]['fixed_s'] for t in later):.1f} s fixed cost at most "
+          f"(one group per stage: {min(out['stage']['tasks'][t]['fixed_s'] for t in later):.1f} s at least)")
+    return {**out, "wall_ratio": ratio}
+
+
 def _reference_nextitnet(num_items: int, dim: int, kernel: int, dilations: tuple[int, ...]):
     """A plain PyTorch NextItNet written the common way (the goal's reference): ``nn.Conv2d``
     over a ``[B, C, 1, L]`` view with ``ZeroPad2d`` left padding, permuting around every layer."""
@@ -938,6 +1008,14 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     sc.add_argument("--eval-rows", type=int, default=500)
     sc.add_argument("--embed-dim", type=int, default=256)
     sc.set_defaults(func=run_scaling)
+    fc = sub.add_parser("fixed-cost", help="a run's time outside steps and evaluation: one worker group per stage vs per run")
+    fc.add_argument("--data", default="/tmp/conure-bench/demo", help="prepared dataset (generated if missing)")
+    fc.add_argument("--preset", default="demo")
+    fc.add_argument("--tasks", default="pretrain,click")
+    fc.add_argument("--workdir", default="/tmp/conure-bench/fixed-cost", help="run directories (outside the repo)")
+    fc.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    fc.add_argument("extra", nargs="*", help="more options of jobs/ttl.py (after --), e.g. -- --epochs 1")
+    fc.set_defaults(func=run_fixed_cost)
     pr = sub.add_parser("prune", help="owner-map prune of the TTL model: selection vs a stable sort")
     pr.add_argument("--embed-dim", type=int, default=256)
     pr.add_argument("--repeat-dilations", type=int, default=4)
@@ -993,6 +1071,9 @@ def all_benchmarks(workdir: str, tiny: bool) -> list[tuple[str, list[str]]]:
                            "--epochs", "1", "--num-cpus", "2"]),
             ("scaling", ["--data", demo, "--preset", "demo", "--workdir", os.path.join(workdir, "scaling"),
                          "--steps", "3", "--eval-rows", "50", "--embed-dim", "16"]),
+            ("fixed-cost", ["--data", demo, "--workdir", os.path.join(workdir, "fixed-cost"), "--tasks", "pretrain",
+                            "--", "--epochs", "1", "--retrain-epochs", "0", "--max-steps", "2", "--max-eval-rows", "50",
+                            "--embed-dim", "16"]),
         ]
     return [
         ("backbone", []),
@@ -1006,6 +1087,8 @@ def all_benchmarks(workdir: str, tiny: bool) -> list[tuple[str, list[str]]]:
                       "--workers", "1"]),
         ("batch-mix", ["--data", demo, "--preset", "demo", "--task", "click", "--batch-size", "256"]),
         ("scaling", ["--data", os.path.join(workdir, "ttl-small"), "--workdir", os.path.join(workdir, "scaling")]),
+        ("fixed-cost", ["--data", demo, "--workdir", os.path.join(workdir, "fixed-cost"), "--tasks", "pretrain,click",
+                        "--", "--epochs", "1", "--retrain-epochs", "1"]),
     ]
 
 

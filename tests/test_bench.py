@@ -10,7 +10,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_PROCESS = ["backbone", "masks", "t1-step", "prune", "guard", "item-step"]
-WITH_RAY = ["serve", "pipeline", "batch-mix", "scaling"]
+WITH_RAY = ["serve", "pipeline", "batch-mix", "scaling", "fixed-cost"]
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +65,9 @@ def test_ray_benchmarks_at_a_tiny_size(bench, tmp_path):
     for row in (one, two):
         assert row["steps"] == 3 and row["examples_per_s"] > 0 and 0 <= row["data_wait_share"] <= 1
     assert len(one["peak_rss_gib_per_worker"]) == 1 and len(two["peak_rss_gib_per_worker"]) == 2
+    fixed = r["fixed-cost"]
+    for group in ("stage", "run"):  # the runs gave the same metrics, or the benchmark would have raised
+        task = fixed[group]["tasks"]["pretrain"]
+        assert task["steps_s"] > 0 and task["test_eval_s"] > 0 and task["fixed_s"] > 0
+        assert 0 < fixed[group]["steps_and_eval_share"] < 1
+    assert fixed["wall_ratio"] == fixed["stage"]["run_wall_s"] / fixed["run"]["run_wall_s"]

@@ -68,3 +68,19 @@ def test_deepspeed_stage_leaves_frozen_entries_bit_for_bit(zero_stage, precision
         name = owners.names[0]
         free = owners.owner(name) == 0
         assert not torch.equal(merged[name][free], merged[name][free].bfloat16().float())
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_a_closed_stepper_releases_its_engine_for_the_next_stage_in_the_same_worker(zero_stage):
+    """Session workers run stage after stage in one process: ZeRO-1/2's gradient hooks keep an
+    engine (optimizer state, partitions, model) alive after the stage unless it is destroyed."""
+    import gc
+    import weakref
+
+    model = ConureModel(model_config(), [TaskSpec("t1", "sequence")])
+    stepper = DeepSpeedStepper(model, TrainConfig(batch_size=8), EngineSettings(zero_stage, "fp32", 8))
+    engine, optimizer = weakref.ref(stepper.engine), weakref.ref(stepper.engine.optimizer)
+    stepper.close()
+    del stepper, model
+    gc.collect()
+    assert engine() is None and optimizer() is None

@@ -1,6 +1,6 @@
 """End to end through the real path: Parquet -> Ray Data -> Ray Train -> DeepSpeed -> coordinator.
 
-Small sizes, real components. Each stage is one TorchTrainer.fit() with two workers.
+Small sizes, real components. One TorchTrainer.fit() (the session) with two workers runs every stage.
 """
 
 import json
@@ -119,7 +119,9 @@ def test_killed_driver_resumes_without_repeating_completed_stages_then_a_task_is
     run_dir = str(tmp_path / "run")
     cmd = [sys.executable, os.path.join(REPO, "jobs", "ttl.py"), "--data", dataset, "--run-dir", run_dir,
            "--tasks", "pretrain,click", "--epochs", "3", "--retrain-epochs", "1", "--embed-dim", "16", "--seq-len", "10",
-           "--workers", "2", "--log-every", "5"]
+           "--workers", "2", "--log-every", "5",
+           # click/train long enough to be killed inside it (the workers start once, so stages take seconds)
+           "--set", "tasks.click.epochs=20", "--set", "tasks.click.patience=20"]
     # Ray's socket paths must stay under 108 bytes: a short scratch directory for its session.
     env = {**os.environ, **RAY_ENV, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp")}
     env.pop("RAY_ADDRESS", None)
@@ -134,7 +136,7 @@ def test_killed_driver_resumes_without_repeating_completed_stages_then_a_task_is
             if os.path.exists(manifest_path):
                 stage = json.load(open(manifest_path))["stages"].get("click/train", {})
                 if stage.get("status") == "running":
-                    time.sleep(12)  # well inside the stage's fit
+                    time.sleep(3)  # well inside the stage: 20 epochs of about 0.5 s
                     break
             time.sleep(0.5)
         else:
@@ -192,8 +194,8 @@ def test_a_stage_resumed_inside_an_epoch_equals_the_uninterrupted_stage(dataset,
     results = {}
     for name, fail in (("whole", None), ("resumed", {"pretrain-train": 7})):
         run = open_run(exp, str(tmp_path / name))
-        executor = RayExecutor(exp, run.rundir, run.manifest, fail_once_at_step=fail)
-        results[name] = executor.train(exp.tasks[0], 1, Stage.TRAIN, run.state.weights, run.state.owners)
+        with RayExecutor(exp, run.rundir, run.manifest, fail_once_at_step=fail) as executor:
+            results[name] = executor.train(exp.tasks[0], 1, Stage.TRAIN, run.state.weights, run.state.owners)
         results[name + "-manifest"] = run.manifest.data["stages"]["pretrain/train"]
     steps = -(-TINY.num_users * 8 // 10 // 32)  # about 10 steps in the one epoch
     assert results["resumed-manifest"]["progress"]["step"] == results["whole-manifest"]["progress"]["step"] >= 8, steps
@@ -217,8 +219,8 @@ def test_new_run_starts_over_and_never_reuses_the_old_runs_checkpoints(dataset, 
     trained = []
     for seed, new_run in ((0, False), (5, True)):
         run = open_run(dataclasses.replace(exp, seed=seed), str(tmp_path / "run"), new_run=new_run)
-        executor = RayExecutor(run.exp, run.rundir, run.manifest)
-        trained.append(executor.train(run.exp.tasks[0], 1, Stage.TRAIN, run.state.weights, run.state.owners))
+        with RayExecutor(run.exp, run.rundir, run.manifest) as executor:  # its workers stop at the end
+            trained.append(executor.train(run.exp.tasks[0], 1, Stage.TRAIN, run.state.weights, run.state.owners))
     assert not torch.equal(trained[0]["backbone.embedding.weight"], trained[1]["backbone.embedding.weight"])
     assert RunDir(str(tmp_path / "run")).read_json("manifest.json")["config"]["seed"] == 5
 

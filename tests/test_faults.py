@@ -491,7 +491,8 @@ def test_a_stage_checkpoint_is_checked_against_the_digests_its_ranks_recorded(tm
     Ray, is in test_faults_ray.py)."""
     import torch
 
-    from conure_dist.train.worker import PROGRESS_FILE, _checkpoint_damage, _checkpoint_step, _write_checksums
+    from conure_dist.train.worker import (PROGRESS_FILE, _checkpoint_damage, _checkpoint_key, _checkpoint_step,
+                                         _own_checkpoint, _write_checksums)
 
     cpu = torch.device("cpu")
     d = tmp_path / "step-000000006-e0-a1"
@@ -516,6 +517,16 @@ def test_a_stage_checkpoint_is_checked_against_the_digests_its_ranks_recorded(tm
     assert _checkpoint_damage(str(d), 0, cpu).startswith(f"{PROGRESS_FILE}: ")
     assert [_checkpoint_step(n) for n in ("step-000000006-e0-a1", "final-000000012-e2-a7", "eval-3890cdb9", "x")] == \
         [6, 12, None, None]
+    # A session's checkpoints of every stage sit side by side: each name ends with its stage key.
+    names = ("step-000000006-e0-a1r4-click-train", "final-000000012-e2-a7-pretrain-retrain", "step-000000006-e0-a1",
+             "eval-3890cdb9-x-y", "x")
+    assert [_checkpoint_key(n) for n in names] == ["click-train", "pretrain-retrain", "", "", ""]
+
+    class Latest:
+        path = "bucket/runs/r/ray/id/session/step-000000006-e0-a1-click-train/"
+
+    assert _own_checkpoint(Latest, "click-train") is Latest
+    assert _own_checkpoint(Latest, "click-retrain") is None and _own_checkpoint(None, "click-train") is None
 
 
 def test_the_checker_finds_a_status_report_that_does_not_match_the_ledger(finished, tmp_path):

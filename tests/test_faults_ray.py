@@ -100,8 +100,8 @@ def uninterrupted(one_stage, ray_cluster, tmp_path_factory):
     from conure_dist.train.executor import RayExecutor
 
     run = open_run(one_stage, str(tmp_path_factory.mktemp("whole") / "run"))
-    best = RayExecutor(one_stage, run.rundir, run.manifest).train(one_stage.tasks[0], 1, Stage.TRAIN, run.state.weights,
-                                                                   run.state.owners)
+    with RayExecutor(one_stage, run.rundir, run.manifest) as executor:
+        best = executor.train(one_stage.tasks[0], 1, Stage.TRAIN, run.state.weights, run.state.owners)
     return best, run.manifest.data["stages"]["pretrain/train"]["progress"]
 
 
@@ -117,11 +117,12 @@ def test_a_damaged_stage_checkpoint_is_passed_over_for_an_earlier_intact_one(one
 
     exp, task = one_stage, one_stage.tasks[0]
     run = open_run(exp, str(tmp_path / "run"))
-    with pytest.raises(StageFailed, match="injected failure at step 7"):
-        RayExecutor(exp, run.rundir, run.manifest, fail_once_at_step={"pretrain-train": 7}).train(
-            task, 1, Stage.TRAIN, run.state.weights, run.state.owners)
-    stage_dir = run.rundir.path("ray", run.manifest.data["run_id"], "pretrain-train")
-    kept = sorted(d for d in os.listdir(stage_dir) if d.startswith("step-"))
+    with pytest.raises(StageFailed, match="injected failure at step 7"), \
+            RayExecutor(exp, run.rundir, run.manifest, fail_once_at_step={"pretrain-train": 7}) as executor:
+        executor.train(task, 1, Stage.TRAIN, run.state.weights, run.state.owners)
+    # Every stage's checkpoints sit in the session's directory; their names end with the stage key.
+    stage_dir = run.rundir.path("ray", run.manifest.data["run_id"], "session")
+    kept = sorted(d for d in os.listdir(stage_dir) if d.startswith("step-") and d.endswith("-pretrain-train"))
     assert [d.split("-")[1] for d in kept] == ["000000004", "000000006"], kept
     for name in kept[-damaged:]:
         checkpoint = os.path.join(stage_dir, name)
@@ -131,7 +132,8 @@ def test_a_damaged_stage_checkpoint_is_passed_over_for_an_earlier_intact_one(one
             f.truncate(os.path.getsize(largest) // 2)
 
     run = open_run(exp, str(tmp_path / "run"))  # the same command again
-    best = RayExecutor(exp, run.rundir, run.manifest).train(task, 1, Stage.TRAIN, run.state.weights, run.state.owners)
+    with RayExecutor(exp, run.rundir, run.manifest) as executor:
+        best = executor.train(task, 1, Stage.TRAIN, run.state.weights, run.state.owners)
     progress = run.manifest.data["stages"]["pretrain/train"]["progress"]
     assert progress["resumed_at"] == [resumed_at], progress
     whole, whole_progress = uninterrupted

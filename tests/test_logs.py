@@ -33,13 +33,15 @@ def test_console_gets_info_the_file_gets_everything_and_remote_logs_are_uploaded
 
 def test_eta_counts_the_stage_the_later_stages_and_each_fits_fixed_cost():
     clock = RunClock()
-    clock.fixed_costs = [20.0, 30.0]  # measured start-up of earlier fits
+    clock.fixed_costs = [20.0]  # measured fixed cost of the first stage (it also started the workers)
     clock.plan(remaining_examples=10_000, remaining_fits=3)
-    line = clock.epoch_line({"task": "click", "stage": "train", "epoch": 1, "epochs": 3, "loss": 0.5,
-                             "metric": "mrr@5", "value": 0.1234, "improved": True, "examples_per_s": 100.0,
-                             "seconds": 10.0})
-    # stage: 2 epochs x 10 s; run: 20 s + 10,000 / 100 ex/s + 3 fits x 25 s = 195 s
-    assert line == "click/train  epoch 1/3  loss 0.5000  val mrr@5 0.1234 (best)  100 ex/s  ETA stage 0:00:20, run 0:03:15"
+    event = {"task": "click", "stage": "train", "epoch": 1, "epochs": 3, "loss": 0.5, "metric": "mrr@5", "value": 0.1234,
+             "improved": True, "examples_per_s": 100.0, "seconds": 10.0}
+    # stage: 2 epochs x 10 s; run: 20 s + 10,000 / 100 ex/s + 3 stages x 20 s = 180 s
+    assert clock.epoch_line(event) == \
+        "click/train  epoch 1/3  loss 0.5000  val mrr@5 0.1234 (best)  100 ex/s  ETA stage 0:00:20, run 0:03:00"
+    clock.fixed_costs = [20.0, 5.0, 7.0]  # once later ones are measured, the first is left out: 6 s each
+    assert clock.epoch_line(event).endswith("ETA stage 0:00:20, run 0:02:18")
 
 
 def test_a_stage_that_ends_at_this_epoch_has_no_stage_eta_and_hours_do_not_wrap():

@@ -198,7 +198,8 @@ def split_dataset(info: DatasetInfo, task: str, split: str, *, seed: int, cache_
 def iter_torch_batches(data_iterator, *, batch_size: int, seq_len: int, with_label: bool,
                        local_shuffle_buffer_size: int | None = None, local_shuffle_seed: int | None = None,
                        drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Padded int64 batches from a ``ray.train.get_dataset_shard(...)`` iterator or a Dataset.
+    """Padded int64 batches from a rank's iterator (a streaming split, as the session's mailbox
+    or ``ray.train.get_dataset_shard(...)`` gives it) or a Dataset.
 
     Yields ``user`` [B], ``seq`` [B, seq_len] and, with ``with_label``, ``label`` [B]. Rows with
     ``user == -1`` are padding (see the module docstring).

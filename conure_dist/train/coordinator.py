@@ -287,7 +287,7 @@ def run_experiment(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False
                 channel.close()
 
 
-# Steps that run a Ray Train fit (commit: the evaluation of every committed task).
+# Steps the workers run (commit: the evaluation of every committed task).
 FIT_STEPS = (Step.TRAIN, Step.RETRAIN, Step.COMMIT)
 
 
@@ -312,7 +312,6 @@ def _in_process_executor(exp: ExperimentConfig, info):
 
 def _run_locked(run: Run, clock, channel, faults: dict[str, dict | None], in_process: bool = False) -> Run:
     from conure_dist.data.format import load_dataset_info
-    from conure_dist.logs import sync_driver_log
 
     exp = run.exp
     if in_process:
@@ -321,6 +320,16 @@ def _run_locked(run: Run, clock, channel, faults: dict[str, dict | None], in_pro
     else:
         executor = RayExecutor(exp, run.rundir, run.manifest, events=channel.queue, **faults)
         dataset = executor.info
+    if in_process:
+        return _run_plan(run, clock, executor, dataset, in_process)
+    with executor:  # the workers stop at the end; after an error, the driver does not wait for them
+        return _run_plan(run, clock, executor, dataset, in_process)
+
+
+def _run_plan(run: Run, clock, executor, dataset, in_process: bool) -> Run:
+    from conure_dist.logs import sync_driver_log
+
+    exp = run.exp
     method = get_method(exp.method)
     machine = StageMachine(method, exp.tasks, executor,
                            init=lambda number: fresh_weights(exp.model, [t.spec for t in exp.tasks], method, exp.seed, number))
@@ -333,6 +342,8 @@ def _run_locked(run: Run, clock, channel, faults: dict[str, dict | None], in_pro
         _log(f"{len(pending)} steps to run: {' '.join(p.key for p in pending)}")
     for index, planned in enumerate(pending):
         started = time.time()
+        if hasattr(executor, "eval_seconds"):
+            executor.eval_seconds.clear()  # this step's evaluations only
         later = pending[index + 1:]
         clock.plan(_remaining_examples(exp, dataset, later),
                    sum(p.step is Step.COMMIT or machine.fits(p) for p in later))
@@ -357,6 +368,9 @@ def _run_locked(run: Run, clock, channel, faults: dict[str, dict | None], in_pro
             cap = run.state.owners.capacity()
             info["capacity"] = {"owned": cap.fraction(machine.number(planned.task)), "free": cap.free_fraction}
         if planned.step is Step.COMMIT:
+            spent = getattr(executor, "eval_seconds", None)
+            if spent:  # the evaluations' own time in the workers (the rest of "seconds": getting there)
+                info["eval_seconds"] = round(sum(spent), 2)
             info["metrics"] = {r["task"]: {r["metric"]: r["value"]} for r in run.state.accuracy if r["after_task"] == planned.task
                                and r["metric"] == main_metric(exp.task(r["task"]).spec, exp.task(r["task"]).train.metric_k)}
             write_reports(run)

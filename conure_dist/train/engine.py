@@ -132,6 +132,13 @@ class DeepSpeedStepper:
             raise RuntimeError("DeepSpeed returned no fp32 master copy of a trained parameter")
         return master
 
+    def close(self) -> None:
+        """Release the engine (DeepSpeed's ``destroy``: ZeRO-1/2 gradient hooks otherwise keep the
+        optimizer, its partitions and the model alive after the stage, in a worker that runs the
+        next stage next)."""
+        self.engine.destroy()
+        self._masters = None
+
     def save(self, directory: str, tag: str = "stage") -> None:
         self.engine.save_checkpoint(directory, tag=tag)  # every rank: it has barriers
 

@@ -1,16 +1,20 @@
-"""Runs a method's training stages and evaluations as Ray Train fits with DeepSpeed workers.
+"""Runs a method's training stages and evaluations on Ray Train workers with DeepSpeed.
 
-Each train/retrain stage is one ``TorchTrainer.fit()`` named ``<task>-<stage>`` under
-``RUN_DIR/ray/<run id>/``, so a rerun of the same command resumes it from its last checkpoint
-(Ray Train loads the run snapshot by name), and a run started over (``--new-run``, a new run
-id) can never pick up another run's checkpoints.
+One ``TorchTrainer.fit()``, the *session* (:mod:`conure_dist.train.session`), runs every stage
+and evaluation of a driver: its workers start once and take the coordinator's commands one
+after another. It is named ``session`` under ``RUN_DIR/ray/<run id>/``, so a rerun of the same
+command finds the latest checkpoint again (Ray Train loads the run snapshot by name) and the
+stage it belongs to resumes from it; a run started over (``--new-run``, a new run id) can never
+pick up another run's checkpoints.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
+import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, Sequence
@@ -20,7 +24,7 @@ import torch
 from conure_dist.config import ExperimentConfig, TaskPlan
 from conure_dist.model import OwnerMap, Stage, Weights
 from conure_dist.train.rundir import RunDir, RunDirError
-from conure_dist.train.worker import BEST_FILE, RESULT_FILE, evaluate_worker, peak_rss_bytes, stage_worker
+from conure_dist.train.worker import BEST_FILE, RESULT_FILE, peak_rss_bytes, session_worker
 
 if TYPE_CHECKING:
     from conure_dist.train.manifest import Manifest
@@ -30,19 +34,10 @@ class StageFailed(RuntimeError):
     """A stage's workers failed (after Ray Train's retries); the message is the workers' error."""
 
 
-def _fit(trainer, what: str):
-    """``trainer.fit()``, with a failure reduced to the workers' own error message."""
-    from ray.train import TrainingFailedError
-
-    try:
-        result = trainer.fit()
-    except TrainingFailedError as e:
-        failures = getattr(e, "worker_failures", None) or {}
-        causes = sorted({_last_line(str(f)) for f in failures.values()}) or [_last_line(str(e))]
-        raise StageFailed(f"{what} failed: " + "; ".join(causes)) from e
-    if result.checkpoint is None:
-        raise StageFailed(f"{what} returned no checkpoint (error: {result.error})")
-    return result
+def _causes(error: BaseException) -> str:
+    """A failed fit's error reduced to the workers' own error messages."""
+    failures = getattr(error, "worker_failures", None) or {}
+    return "; ".join(sorted({_last_line(str(f)) for f in failures.values()}) or [_last_line(str(error))])
 
 
 def _last_line(text: str) -> str:
@@ -51,7 +46,7 @@ def _last_line(text: str) -> str:
 
 
 class RayExecutor:
-    """Runs stages and evaluations as Ray Train fits with DeepSpeed workers."""
+    """Runs stages and evaluations as commands of a session (one Ray Train fit, DeepSpeed workers)."""
 
     def __init__(self, exp: ExperimentConfig, rundir: RunDir, manifest: "Manifest", *, fail_once_at_step: dict | None = None,
                  kill_once_at_step: dict | None = None, events=None):
@@ -77,42 +72,51 @@ class RayExecutor:
         self.kill_once_at_step = kill_once_at_step or {}
         self.events = events  # a Ray queue to the driver's log (conure_dist.logs.EventChannel)
         self._datasets: dict[tuple[str, str], Any] = {}
+        self._session: Session | None = None
+        self.eval_seconds: list[float] = []  # each evaluation's time in the workers, read by the coordinator
 
     @property
     def compute_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.exp.cluster.resolved_precision == "bf16" else torch.float32
 
     # -- Ray plumbing ------------------------------------------------------------------
-    def _trainer(self, fn, loop_config: dict[str, Any], datasets: dict[str, tuple[str, str]], name: str):
-        """A TorchTrainer over ``datasets`` (name -> (task, split)), each split exactly once per epoch."""
-        import ray.train
-        from ray.train.torch import TorchTrainer
+    def _run(self, kind: str, config: dict[str, Any], datasets: dict[str, tuple[str, str]], what: str) -> Any:
+        """Run one command in the session (started at the first one, and again after a failed one);
+        ``datasets``: name -> (task, split), each split read exactly once per epoch."""
+        from conure_dist.data.pipeline import split_size
 
-        from conure_dist.data.pipeline import ExactlyOnceDataConfig, split_size
+        if self._session is None:
+            self._session = Session(self)
+        reads = {name: f"{task}.{split}" for name, (task, split) in datasets.items()}
+        sources = {f"{task}.{split}": (self._dataset(task, split), split_size(self.info, task, split, self._max_rows(split)))
+                   for task, split in datasets.values() if f"{task}.{split}" not in self._session.posted}
+        try:
+            answer = self._session.run(kind, config, reads, sources, what)
+        except StageFailed:
+            self.close()
+            raise
+        if self.exp.cluster.worker_group == "stage":
+            self.close()
+        return answer
 
-        c = self.exp.cluster
-        resources = {"CPU": c.cpus_per_worker}
-        if c.use_gpu:
-            resources["GPU"] = c.gpus_per_worker
-        if c.memory_per_worker:
-            resources["memory"] = c.memory_per_worker
-        return TorchTrainer(
-            fn,
-            train_loop_config=loop_config,
-            scaling_config=ray.train.ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources),
-            datasets={n: self._dataset(task, split) for n, (task, split) in datasets.items()},
-            dataset_config=ExactlyOnceDataConfig(
-                {n: split_size(self.info, task, split, self._max_rows(split)) for n, (task, split) in datasets.items()},
-                datasets_to_split=list(datasets),
-            ),
-            run_config=ray.train.RunConfig(
-                name=name,
-                storage_path=self.rundir.storage_uri("ray", self.run_id),
-                failure_config=ray.train.FailureConfig(max_failures=c.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                worker_runtime_env={"env_vars": _worker_env()},
-            ),
-        )
+    def close(self, wait: bool = True) -> None:
+        """Stop the session's workers (the next command starts a new session); ``wait``: until
+        they have stopped (not when the driver is on its way out after an error)."""
+        if self._session is not None:
+            session, self._session = self._session, None
+            session.close(wait)
+
+    def __enter__(self) -> "RayExecutor":
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        if kind is None:
+            self.close()
+            return
+        try:  # on the way out after an error: never hide it behind one of closing
+            self.close(wait=False)
+        except Exception as e:  # noqa: BLE001
+            logging.getLogger("conure_dist").warning(f"could not stop the session's workers: {e}")
 
     def _dataset(self, task: str, split: str):
         from conure_dist.data.pipeline import split_dataset
@@ -129,14 +133,7 @@ class RayExecutor:
 
     def _loop_config(self, key: str, weights: Weights, owners: OwnerMap | None) -> dict[str, Any]:
         self.rundir.write_tensors(f"stages/{key}/weights.safetensors", weights)
-        config = {
-            "experiment": self.exp.to_dict(),
-            "run_dir": self.rundir.uri,
-            "input_weights": f"stages/{key}/weights.safetensors",
-            "input_owners": None,
-            "threads": max(1, int(self.exp.cluster.cpus_per_worker)),
-            "events": self.events,
-        }
+        config = {"input_weights": f"stages/{key}/weights.safetensors", "input_owners": None}
         if owners is not None:
             self.rundir.write_tensors(f"stages/{key}/owners.safetensors", owners.state_dict())
             config["input_owners"] = f"stages/{key}/owners.safetensors"
@@ -167,11 +164,19 @@ class RayExecutor:
             if key in self.kill_once_at_step:
                 config["kill_once_at_step"] = self.kill_once_at_step[key]
             config["fail_marker"] = os.path.join(tempfile.gettempdir(), f"conure-fail-{uuid.uuid5(uuid.NAMESPACE_URL, self.rundir.uri + key)}")
+        config["key"] = key
+        if self.rundir.exists("ray", self.run_id, key):
+            logging.getLogger("conure_dist").info(
+                f"{name}/{stage.value}  checkpoints in {self.rundir.path('ray', self.run_id, key)} were written by an "
+                "earlier version (one Ray Train fit per stage) and are not resumed from: the stage starts again")
         datasets = {"train": (name, "train"), "validation": (name, "validation")}
         self.manifest.stage_started(f"{name}/{stage.value}")
-        result = _fit(self._trainer(stage_worker, config, datasets, key), f"task {name}, {stage.value} stage")
+        answer = self._run("train", config, datasets, f"task {name}, {stage.value} stage")
         finished = time.time()
-        with result.checkpoint.as_directory() as d:
+        from ray.train import Checkpoint
+
+        checkpoint = Checkpoint(path=self.rundir.storage_uri("ray", self.run_id, SESSION, answer["checkpoint"]))
+        with checkpoint.as_directory() as d:
             best = load_file(os.path.join(d, BEST_FILE))
             outcome = json.load(open(os.path.join(d, RESULT_FILE)))
         timing = outcome["timing"]
@@ -180,22 +185,110 @@ class RayExecutor:
         if timing.get("first_step") and timing.get("last_step"):
             overhead.update(startup_s=round(timing["first_step"] - started, 2), teardown_s=round(finished - timing["last_step"], 2))
         self.manifest.stage_trained(f"{name}/{stage.value}", outcome["progress"], fit_seconds=round(finished - started, 2),
-                                    checkpoint=result.checkpoint.path, **overhead)
+                                    checkpoint=checkpoint.path, **overhead)
         return best
 
     def evaluate(self, tasks: Sequence[TaskPlan], weights: Weights, owners: OwnerMap | None,
                  view: Stage = Stage.SERVE) -> dict[str, dict[str, float]]:
-        key = f"eval-{uuid.uuid4().hex[:8]}"
         config = self._loop_config("eval", weights, owners)
         config["eval_tasks"] = [t.spec.name for t in tasks]
         config["view"] = Stage(view).value
         datasets = {f"test_{t.spec.name}": (t.spec.name, "test") for t in tasks}
-        result = _fit(self._trainer(evaluate_worker, config, datasets, key), "evaluation")
-        with result.checkpoint.as_directory() as d:
-            return json.load(open(os.path.join(d, RESULT_FILE)))
+        answer = self._run("evaluate", config, datasets, "evaluation")
+        self.eval_seconds.append(answer["seconds"])
+        return answer["metrics"]
 
     def _tensorboard_dir(self, key: str) -> str:
         return self.rundir.storage_uri("tensorboard", key)
+
+
+SESSION = "session"  # the session fit's name, under RUN_DIR/ray/<run id>/
+SESSION_RESTARTS = 20  # worker-group restarts Ray Train allows a session, plus 10 per cluster.max_failures
+
+
+class Session:
+    """The running session fit of a :class:`RayExecutor`, in a driver thread, and its mailbox."""
+
+    def __init__(self, executor: RayExecutor) -> None:
+        import ray
+        import ray.train
+        from ray.train.torch import TorchTrainer
+
+        from conure_dist.train.session import Mailbox
+
+        c = executor.exp.cluster
+        resources = {"CPU": c.cpus_per_worker}
+        if c.use_gpu:
+            resources["GPU"] = c.gpus_per_worker
+        if c.memory_per_worker:
+            resources["memory"] = c.memory_per_worker
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # On the driver's node, as Ray Train's controller: the session lives as long as the driver.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.mailbox = Mailbox.options(scheduling_strategy=here).remote(c.num_workers, c.max_failures)
+        self.started = time.time()
+        config = {"experiment": executor.exp.to_dict(), "run_dir": executor.rundir.uri, "mailbox": self.mailbox,
+                  "threads": max(1, int(c.cpus_per_worker)), "events": executor.events, "session_started": self.started}
+        self.trainer = TorchTrainer(
+            session_worker,
+            train_loop_config=config,
+            scaling_config=ray.train.ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources),
+            run_config=ray.train.RunConfig(
+                name=SESSION,
+                storage_path=executor.rundir.storage_uri("ray", executor.run_id),
+                # Restarts are counted per command by the mailbox (cluster.max_failures per stage and
+                # per evaluation); Ray Train's own limit only ends a session whose workers keep
+                # failing before they can reach the mailbox.
+                failure_config=ray.train.FailureConfig(max_failures=SESSION_RESTARTS + 10 * c.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                worker_runtime_env={"env_vars": _worker_env()},
+            ),
+        )
+        self.error: BaseException | None = None
+        self.posted: set[str] = set()  # the split ids the mailbox holds
+        self.thread = threading.Thread(target=self._fit, name="conure-session", daemon=True)
+        self.thread.start()
+
+    def _fit(self) -> None:
+        try:
+            self.trainer.fit()
+        except BaseException as e:  # reported by run() to the command waiting for it
+            self.error = e
+
+    def run(self, kind: str, config: dict[str, Any], reads: dict[str, str], sources: dict, what: str,
+            poll_s: float = 0.05) -> Any:
+        """Post a command (``reads``: its dataset names -> split ids; ``sources``: the splits the
+        mailbox has not had yet) and wait for its answer."""
+        import ray
+
+        seq = ray.get(self.mailbox.post.remote({"kind": kind, "config": config}, reads, sources))
+        self.posted.update(sources)
+        while True:
+            answer = ray.get(self.mailbox.result.remote(seq))
+            if answer is not None:
+                if isinstance(answer[0], dict) and "error" in answer[0]:
+                    raise StageFailed(f"{what} failed: {answer[0]['error']}")
+                return answer[0]
+            if not self.thread.is_alive():
+                cause = _causes(self.error) if self.error is not None else \
+                    "the workers stopped before it finished (they kept failing before they reached it)"
+                raise StageFailed(f"{what} failed: {cause}") from self.error
+            time.sleep(poll_s)
+
+    def close(self, wait: bool = True, timeout_s: float = 120.0) -> None:
+        """Tell the workers to stop after the command in progress (if any); ``wait``: until the
+        fit has ended. (A driver that exits takes its session with it.)"""
+        import ray
+
+        if not self.thread.is_alive():
+            return
+        ray.get(self.mailbox.post.remote({"kind": "stop"}, {}, {}))
+        if wait:
+            self.thread.join(timeout_s)
+            if self.thread.is_alive():
+                logging.getLogger("conure_dist").warning(
+                    f"the session's workers did not stop within {timeout_s:.0f} s; they stop after their command")
 
 
 def _worker_env() -> dict[str, str]:

@@ -91,8 +91,8 @@ class StageMachine:
         return state
 
     def fits(self, planned: PlannedStep) -> bool:
-        """Whether the step trains (starts a fit): a retrain stage of 0 epochs does not; the
-        pruned weights stand as they are, without starting workers to train nothing."""
+        """Whether the step trains: a retrain stage of 0 epochs does not; the pruned weights
+        stand as they are, without asking the workers to train nothing."""
         if planned.step is Step.RETRAIN:
             return self.task(planned.task).train.retrain_epochs > 0
         return planned.step is Step.TRAIN

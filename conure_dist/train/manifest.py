@@ -21,7 +21,7 @@ from conure_dist.train.rundir import MANIFEST, RunDir, now
 # with another number of workers starts that stage over (each rank's data order and optimizer
 # shards belong to the world size they were made with); completed stages are kept.
 RESUME_FREE_CLUSTER = ("num_workers", "gpus_per_worker", "cpus_per_worker", "memory_per_worker", "max_failures",
-                       "checkpoint_every_steps", "log_every_steps", "cache_splits_below_bytes")
+                       "checkpoint_every_steps", "log_every_steps", "cache_splits_below_bytes", "worker_group")
 
 
 def dataset_digest(info_json: Mapping[str, Any]) -> str:

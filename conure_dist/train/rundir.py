@@ -9,7 +9,7 @@ Layout::
     state/owners-v<n>.safetensors  owner map version n (one per prune)
     state/set-<task>.safetensors   a task's own weight set (methods with one backbone per task)
     stages/<task>-<step>/          inputs of a training stage (weights, owner map)
-    ray/<run id>/                  Ray Train storage (per-stage checkpoints) of this run
+    ray/<run id>/session/          Ray Train storage of this run (checkpoints, named after their stage)
     replaced/<time>/               what --new-run moved aside
     reports/STATUS.txt             complete, or incomplete with the tasks committed so far
     reports/accuracy_matrix.csv    after_task,task,metric,value,status (measured | pending)

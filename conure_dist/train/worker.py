@@ -1,12 +1,14 @@
-"""What each Ray Train worker runs: one train/retrain stage, or the evaluation of tasks.
+"""What each Ray Train worker runs: the session's commands (:mod:`conure_dist.train.session`),
+each one train/retrain stage or the evaluation of tasks.
 
-A stage worker builds the model from the stage's input weights and owner map (written by the
+A stage command builds the model from the stage's input weights and owner map (written by the
 coordinator), wraps it in DeepSpeed, and runs the same :func:`~conure_dist.train.loop.run_stage`
 as the in-process runner, fed by its Ray Data shard. At each epoch end (and every N steps if
 asked) every rank saves its DeepSpeed checkpoint and reports it to Ray Train; rank 0 adds the
 stage progress and the best-on-validation weights. A restarted worker (Ray Train's
-FailureConfig) or a rerun of the driver resumes from the latest checkpoint. Each rank records
-the digest of every file it wrote into a checkpoint (``checksums-rank<r>.json``); a resumed
+FailureConfig) or a rerun of the driver resumes from the stage's latest checkpoint (the
+checkpoints of every stage of a session sit side by side; each name ends with its stage key).
+Each rank records the digest of every file it wrote into a checkpoint (``checksums-rank<r>.json``); a resumed
 stage checks them before loading anything: when the checkpoint is damaged (a truncated upload,
 a disk error) it resumes from the newest intact earlier one, or starts again from its input
 weights, instead of failing on it at every retry.
@@ -14,6 +16,7 @@ weights, instead of failing on it at every retry.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -63,10 +66,30 @@ def _build_model(exp: ExperimentConfig, rundir: RunDir, config: dict[str, Any]) 
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (Linux reports ``ru_maxrss`` in KiB)."""
+    """This process's peak resident memory since it started or since :func:`_reset_peak_memory`
+    (Linux: ``VmHWM``; elsewhere ``ru_maxrss``, never reset)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak_memory() -> None:
+    """Start this process's peak memory afresh (a session worker runs stage after stage: each
+    stage's peak is its own). Linux resets ``VmHWM`` on ``5`` written to ``clear_refs``."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
 
 
 def rss_bytes() -> int:
@@ -115,8 +138,69 @@ def _log(line: str, events=None, level: str = "debug") -> None:
     send(events, {"kind": "line", "level": level, "text": line})
 
 
-def stage_worker(config: dict[str, Any]) -> None:
-    """Ray Train ``train_loop_per_worker`` of a train/retrain stage."""
+def session_worker(config: dict[str, Any]) -> None:
+    """Ray Train ``train_loop_per_worker`` of a session: runs the mailbox's commands in order
+    until it says stop. Rank 0 answers each command once every rank has finished it."""
+    import ray
+
+    started = time.time()
+    mailbox = config["mailbox"]
+    rank = ray.train.get_context().get_world_rank()
+    group = _broadcast(os.urandom(4).hex() if rank == 0 else None)  # this worker group, restarted or not
+    if not _broadcast(ray.get(mailbox.hello.remote(group)) if rank == 0 else None):
+        return  # groups keep failing before they reach a command: the driver reports it
+    if rank == 0:
+        _log(f"session: {ray.train.get_context().get_world_size()} workers ready {started - config['session_started']:.1f}s "
+             "after fit()", config.get("events"))
+    while True:
+        seq, command = _next_command(mailbox)
+        if command["kind"] == "stop":  # the last command, never answered: every rank sees it
+            return
+        try:
+            if not _broadcast(ray.get(mailbox.begin.remote(seq, group)) if rank == 0 else None):
+                continue  # its restarts were used up: the mailbox answered it with the workers' error
+            shards = ray.get(mailbox.shards.remote(seq, group, rank))
+            step = {**config, **command["config"], "shards": shards}
+            _reset_peak_memory()
+            result = (stage_command if command["kind"] == "train" else evaluate_command)(step)
+            _barrier()  # every rank has finished the command (its checkpoint files written)
+        except BaseException as e:
+            ray.get(mailbox.failed.remote(seq, group, rank, f"{type(e).__name__}: {e}"))
+            raise
+        if rank == 0:
+            ray.get(mailbox.done.remote(seq, result))
+        _barrier()  # every rank asks for the next command only after this one is answered
+        del shards, step
+        gc.collect()  # the stage's model and data, before the next command builds its own
+
+
+def _next_command(mailbox, poll_s: float = 0.05) -> tuple[int, dict[str, Any]]:
+    import ray
+
+    while True:
+        found = ray.get(mailbox.next.remote())
+        if found is not None:
+            return found
+        time.sleep(poll_s)
+
+
+def _broadcast(value):
+    """Rank 0's ``value`` on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def stage_command(config: dict[str, Any]) -> dict[str, Any]:
+    """One train/retrain stage; returns the name of its final checkpoint (the stage's result:
+    best weights, progress and timings)."""
     import ray.train
     from safetensors.torch import load_file
 
@@ -124,6 +208,7 @@ def stage_worker(config: dict[str, Any]) -> None:
 
     entered = time.time()
     exp, rundir, device, rank, world = _setup(config)
+    key = config["key"]
     plan = exp.task(config["task"])
     spec, train = plan.spec, plan.train
     stage = Stage(config["stage"])
@@ -140,11 +225,11 @@ def stage_worker(config: dict[str, Any]) -> None:
     _milestone(timing, "engine")
 
     if rank == 0:
-        _log(f"[{spec.name}/{stage.value}] {world} workers started {entered - config['fit_started']:.1f}s after fit(); "
-             f"model and DeepSpeed engine ready in {time.time() - entered:.1f}s", events)
+        _log(f"[{spec.name}/{stage.value}] {world} workers began {entered - config['fit_started']:.1f}s after the stage "
+             f"was asked for; model and DeepSpeed engine ready in {time.time() - entered:.1f}s", events)
     progress, best, finished_before = StageProgress(world_size=world), None, False
     # Checked before anything of it is loaded: a damaged checkpoint leaves the model as built.
-    checkpoint, damaged = _intact_checkpoint(ray.train.get_checkpoint(), rank, device)
+    checkpoint, damaged = _intact_checkpoint(_own_checkpoint(ray.train.get_checkpoint(), key), rank, device)
     if rank == 0 and damaged:
         for path, why in damaged:
             _log(f"{spec.name}/{stage.value}  the checkpoint {path} is damaged ({why})", events, "info")
@@ -178,8 +263,7 @@ def stage_worker(config: dict[str, Any]) -> None:
         popularity = rundir.read_tensors(config["popularity"])["counts"].numpy()
     loss_fn = make_loss(spec, train, exp.model.num_items, popularity)
     with_label = spec.kind != "sequence"
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("validation")
+    train_shard, val_shard = config["shards"]["train"], config["shards"]["validation"]
     steps_per_epoch = max(1, math.ceil(config["train_rows"] / (micro_batch * world)))
     tb = _tensorboard(config, rank)
     window = {"t": time.perf_counter(), "step": progress.step, "loss": 0.0, "n": 0}
@@ -188,9 +272,9 @@ def stage_worker(config: dict[str, Any]) -> None:
     fail_at = config.get("fail_once_at_step")
     kill_at = config.get("kill_once_at_step")
     fail_marker = config.get("fail_marker")
-    # Names this attempt's checkpoints: the fit, and the steps resumed at since (a restart
-    # inside the fit that fell back to an earlier checkpoint must not reuse a name Ray Train
-    # still keeps for a damaged one).
+    # Names this attempt's checkpoints: the time the stage was asked for, and the steps resumed
+    # at since (a restart that fell back to an earlier checkpoint must not reuse a name Ray
+    # Train still keeps for a damaged one).
     attempt = f"a{int(config['fit_started'] * 1000) % 10**10}" + "".join(f"r{s}" for s in progress.resumed_at)
 
     stage_seed = exp.seed * 7919 + hash_task(spec.name, stage)
@@ -225,7 +309,7 @@ def stage_worker(config: dict[str, Any]) -> None:
                            train.max_steps)
         last_step = bool(train.max_steps) and p.step >= train.max_steps  # the epoch end follows at once
         if exp.cluster.checkpoint_every_steps and p.step % exp.cluster.checkpoint_every_steps == 0 and not last_step:
-            _report(stepper, p, best_box["w"], rank, {"step": p.step}, attempt)
+            _report(stepper, p, best_box["w"], rank, {"step": p.step}, attempt, key)
 
     best_box = {"w": best}
 
@@ -256,10 +340,11 @@ def stage_worker(config: dict[str, Any]) -> None:
 
             ray.train.report(metrics)
         else:
-            _report(stepper, p, best_weights, rank, metrics, attempt)
+            _report(stepper, p, best_weights, rank, metrics, attempt, key)
 
-    if finished_before:
-        return  # the stage had finished before the driver stopped: its last checkpoint is the result
+    if finished_before:  # the stage had finished before the driver stopped: its last checkpoint is the result
+        stepper.close()
+        return {"checkpoint": os.path.basename(checkpoint.path.rstrip("/"))}
     if not progress.finished(epochs):
         progress, best = run_stage(
             model=model, stepper=stepper, loss_fn=loss_fn, train_batches=batches, validate=validate,
@@ -274,10 +359,12 @@ def stage_worker(config: dict[str, Any]) -> None:
     _milestone(timing, "stage_end")
     timing.update(_peak_memory(device))
     # The final checkpoint is also the stage's result: best weights, progress and timings.
-    _report(stepper, progress, best, rank, {"done": 1, "epoch": progress.epoch}, attempt,
-            extra={RESULT_FILE: {"progress": progress.to_dict(), "timing": timing}}, name="final")
+    final = _report(stepper, progress, best, rank, {"done": 1, "epoch": progress.epoch}, attempt, key,
+                    extra={RESULT_FILE: {"progress": progress.to_dict(), "timing": timing}}, name="final")
     if tb is not None:
         tb.close()
+    stepper.close()  # the next command builds its own engine in this process
+    return {"checkpoint": final}
 
 
 CHECKSUMS_FILE = "checksums-rank{rank}.json"  # each rank's files in a checkpoint, and their digests
@@ -348,6 +435,21 @@ def _checkpoint_step(name: str) -> int | None:
     return int(number) if head in ("step", "final") and number.isdigit() else None
 
 
+def _checkpoint_key(name: str) -> str:
+    """The stage key a checkpoint directory's name ends with (``step-000000006-e0-a1-click-train``:
+    ``click-train``; task names have no ``-``), "" for another name."""
+    parts = name.split("-")
+    return "-".join(parts[4:]) if len(parts) >= 6 and _checkpoint_step(name) is not None else ""
+
+
+def _own_checkpoint(latest, key: str):
+    """``latest`` if it is a checkpoint of stage ``key``: a session's latest checkpoint can be
+    another stage's (the stage before this one, or none of this stage yet)."""
+    if latest is None or _checkpoint_key(latest.path.rstrip("/").rsplit("/", 1)[-1]) != key:
+        return None
+    return latest
+
+
 def _stage_checkpoints(latest):
     """``latest``, then the stage's other checkpoints (Ray Train keeps the last two) taken at the
     same or an earlier step, newest first; every rank lists them in the same order."""
@@ -362,7 +464,7 @@ def _stage_checkpoints(latest):
     infos = latest.filesystem.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
     steps = {i.base_name: _checkpoint_step(i.base_name) for i in infos
              if i.type == pafs.FileType.Directory and i.base_name != name}
-    others = [n for n, s in steps.items() if s is not None and s <= step]
+    others = [n for n, s in steps.items() if s is not None and s <= step and _checkpoint_key(n) == _checkpoint_key(name)]
     for other in sorted(others, key=lambda n: (steps[n], n), reverse=True):
         yield Checkpoint(path=f"{parent}/{other}", filesystem=latest.filesystem)
 
@@ -387,12 +489,13 @@ def hash_task(name: str, stage: Stage) -> int:
     return zlib.crc32(f"{name}/{stage.value}".encode()) % 100_003
 
 
-def _report(stepper: DeepSpeedStepper, p: StageProgress, best, rank: int, metrics: dict, attempt: str,
-            extra: dict[str, Any] | None = None, name: str = "step") -> None:
-    """Checkpoint every rank's DeepSpeed state (rank 0 adds progress and best weights) and report.
+def _report(stepper: DeepSpeedStepper, p: StageProgress, best, rank: int, metrics: dict, attempt: str, key: str,
+            extra: dict[str, Any] | None = None, name: str = "step") -> str:
+    """Checkpoint every rank's DeepSpeed state (rank 0 adds progress and best weights) and report;
+    returns the checkpoint's directory name.
 
     ``attempt`` (the same on every rank) keeps the names of a restarted stage's checkpoints
-    apart from those of an earlier attempt at the same step."""
+    apart from those of an earlier attempt at the same step; ``key`` (the stage's) ends it."""
     import ray.train
     from safetensors.torch import save_file
 
@@ -406,8 +509,9 @@ def _report(stepper: DeepSpeedStepper, p: StageProgress, best, rank: int, metric
             if best is not None:
                 save_file({k: v.contiguous() for k, v in best.items()}, os.path.join(d, BEST_FILE))
         _write_checksums(d, rank)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"{name}-{p.step:09d}-e{p.epoch}-{attempt}")
+        dirname = f"{name}-{p.step:09d}-e{p.epoch}-{attempt}-{key}"
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=dirname)
+    return dirname
 
 
 class _TensorBoard:
@@ -461,25 +565,21 @@ def _progress_line(task, stage, p, window, steps_per_epoch, epochs, global_batch
     window.update(t=now, step=p.step, loss=0.0, n=0)
 
 
-def evaluate_worker(config: dict[str, Any]) -> None:
-    """Ray Train ``train_loop_per_worker`` that evaluates committed tasks on their test split."""
-    import ray.train
-
+def evaluate_command(config: dict[str, Any]) -> dict[str, Any]:
+    """Test metrics of the committed tasks ``eval_tasks`` (every rank returns the same), and the
+    seconds the command took in the worker."""
     from conure_dist.data.pipeline import iter_torch_batches
 
-    exp, rundir, device, rank, _ = _setup(config)
+    started = time.perf_counter()
+    exp, rundir, device, _, _ = _setup(config)
     model, owners = _build_model(exp, rundir, config)
     model.to(device)
     results = {}
     for name in config["eval_tasks"]:
         plan = exp.task(name)
         model.set_view(owners, name, Stage(config.get("view", Stage.SERVE.value)))
-        shard = ray.train.get_dataset_shard(f"test_{name}")
+        shard = config["shards"][f"test_{name}"]
         batches = iter_torch_batches(shard, batch_size=plan.train.batch_size * 4, seq_len=exp.seq_len,
                                      with_label=plan.spec.kind != "sequence")
         results[name] = _allreduce_sums(evaluate_sums(model, plan.spec, batches, plan.train.metric_k, device), device).result()
-    with tempfile.TemporaryDirectory() as d:
-        if rank == 0:
-            with open(os.path.join(d, RESULT_FILE), "w") as f:
-                json.dump(results, f)
-        ray.train.report({"done": 1}, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name="result")
+    return {"metrics": results, "seconds": time.perf_counter() - started}

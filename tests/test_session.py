@@ -1,0 +1,103 @@
+"""The session's mailbox: commands answered once and in order, restarts counted per command
+(the real path, one Ray Train fit running every stage, is in test_distributed.py and
+test_faults_ray.py)."""
+
+import pytest
+
+from conure_dist.train.session import Commands
+
+
+def test_commands_are_taken_in_order_and_each_answered_once():
+    box = Commands(world_size=2, max_failures=1)
+    assert box.hello("g1") and box.next() is None  # workers started before the first command
+    first = box.post({"kind": "train", "config": {"key": "pretrain-train"}}, {}, {})
+    second = box.post({"kind": "evaluate", "config": {}}, {}, {})
+    assert box.next() == (first, {"kind": "train", "config": {"key": "pretrain-train"}})
+    assert box.begin(first, "g1") and box.result(first) is None
+    assert box.shards(first, "g1", 1) == {}  # a command that reads no dataset
+    box.done(first, {"checkpoint": "final-000000004-e1-a1-pretrain-train"})
+    assert box.result(first) == ({"checkpoint": "final-000000004-e1-a1-pretrain-train"},)
+    assert box.next() == (second, {"kind": "evaluate", "config": {}})
+    box.done(second, {"metrics": {}})
+    stop = box.post({"kind": "stop"}, {}, {})
+    assert box.next() == (stop, {"kind": "stop"}) and box.next() == (stop, {"kind": "stop"})  # seen by every rank
+
+
+def test_restarts_are_counted_per_command_and_answered_with_the_last_groups_errors():
+    box = Commands(world_size=2, max_failures=1)
+    seq = box.post({"kind": "train", "config": {}}, {}, {})
+    assert box.hello("g1") and box.begin(seq, "g1")
+    box.failed(seq, "g1", 1, "RuntimeError: injected failure at step 7")
+    assert box.begin(seq, "g1")  # the same group asking again is not a restart
+    assert box.hello("g2") and box.begin(seq, "g2")  # the one restart allowed
+    box.failed(seq, "g2", 0, "RuntimeError: injected failure at step 9")
+    box.failed(seq, "g2", 1, "RuntimeError: injected failure at step 9")
+    box.failed(seq, "g2", 1, "DistBackendError: connection reset")  # a rank that lost its peer
+    assert box.hello("g3")  # a group that fails before it begins the command has used up an attempt
+    assert box.result(seq) == ({"error": "DistBackendError: connection reset; RuntimeError: injected failure at step 9 "
+                                         "(after 2 restarts of the workers; cluster.max_failures is 1)"},)
+    assert not box.begin(seq, "g3") and box.next() is None  # answered: the workers wait for the next command
+    killed = box.post({"kind": "train", "config": {}}, {}, {})
+    assert box.begin(killed, "g3") and box.hello("g4") and box.begin(killed, "g4")
+    assert box.hello("g5") and not box.begin(killed, "g5")  # SIGKILL: no error to report
+    assert box.result(killed)[0]["error"].startswith("a worker died without an error")
+
+
+def test_a_session_gives_up_when_its_workers_keep_failing_before_any_command():
+    box = Commands(world_size=1, max_failures=1)
+    assert box.hello("g1") and box.hello("g2")
+    assert not box.hello("g3")
+    box = Commands(world_size=1, max_failures=1)
+    seq = box.post({"kind": "train", "config": {}}, {}, {})
+    assert box.hello("g1") and box.begin(seq, "g1")  # a command begun: the count starts over
+    box.done(seq, {})
+    assert box.hello("g2") and box.hello("g3") and not box.hello("g4")
+
+
+def test_only_the_running_group_gets_data():
+    box = Commands(world_size=2, max_failures=1)
+    seq = box.post({"kind": "evaluate", "config": {}}, {}, {})
+    box.hello("g1")
+    box.hello("g2")  # Ray Train restarted the workers: a late call of the old group is refused
+    with pytest.raises(RuntimeError, match="worker group g1 asked for data, but the session's workers are now group g2"):
+        box.shards(seq, "g1", 0)
+    assert box.shards(seq, "g2", 0) == {}
+
+
+def _together(iterators):
+    """Read one epoch of each rank's iterator at once (the ranks start an epoch together)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(iterators)) as pool:
+        return list(pool.map(lambda it: sorted(row["user"] for row in it.iter_rows()), iterators))
+
+
+def test_each_split_is_split_once_per_worker_group_and_read_again_by_later_commands(ray_cluster):
+    """Real Ray Data: the mailbox splits a dataset into equal per-rank iterators the first time a
+    command reads it, hands the same iterators to later commands (a retrain stage reads its
+    train stage's splits), drops the least recently used beyond ``keep_splits``, and splits
+    again for a restarted worker group."""
+    import pyarrow as pa
+    import ray.data
+
+    from conure_dist.data.pipeline import SplitSize
+
+    table = pa.table({"user": pa.array(range(5), pa.int64()), "seq": pa.array([[u + 1] for u in range(5)], pa.list_(pa.int64()))})
+    ds, size = ray.data.from_arrow(table), SplitSize(5, table.schema)
+    box = Commands(world_size=2, max_failures=0, keep_splits=1)
+    box.hello("g1")
+    first = box.post({"kind": "train"}, {"train": "a.train"}, {"a.train": (ds, size)})
+    its = [box.shards(first, "g1", r)["train"] for r in (0, 1)]
+    for _ in range(2):  # two epochs: every row once each, one padding row (user -1) to make 3 + 3
+        users = _together(its)
+        assert sorted(users[0] + users[1]) == [-1, 0, 1, 2, 3, 4] and len(users[0]) == len(users[1]) == 3
+    again = box.post({"kind": "train"}, {"train": "a.train"}, {})
+    assert box.shards(again, "g1", 0)["train"] is its[0]  # the same iterators, split once
+    assert sorted(sum(_together(its), [])) == [-1, 0, 1, 2, 3, 4]  # and read again by the later command
+    other = box.post({"kind": "evaluate"}, {"test_b": "b.test"}, {"b.test": (ds, size)})
+    box.shards(other, "g1", 0)
+    assert list(box.splits) == ["b.test"]  # keep_splits 1: a/train's were dropped
+    kept = box.splits["b.test"]
+    box.hello("g2")  # a restarted group gets new ones
+    box.shards(other, "g2", 0)
+    assert box.group == "g2" and box.splits["b.test"] is not kept
