@@ -32,7 +32,9 @@ ENV = {
 # Appended to the README's lines: a tiny dataset and a short run of the first two tasks.
 SMALL_DATA = ["--num-users", "400", "--num-items", "60", "--seq-len", "10", "--rows-per-shard", "120"]
 SMALL_RUN = ["--tasks", "pretrain,click", "--epochs", "2", "--retrain-epochs", "1", "--embed-dim", "16",
-             "--seq-len", "10", "--workers", "2", "--log-every", "5"]
+             "--seq-len", "10", "--workers", "2", "--log-every", "5",
+             # click/train long enough to be killed inside it (the workers start once: stages take seconds)
+             "--set", "tasks.click.epochs=20", "--set", "tasks.click.patience=20"]
 
 
 def readme_example() -> list[list[str]]:
@@ -76,7 +78,7 @@ def test_the_cluster_readme_example_on_s3_with_a_kill_and_a_resume(s3_server, tm
                 except ValueError:  # read while the driver replaced it (the object's size changed)
                     continue
                 if stage.get("status") == "running":
-                    time.sleep(12)  # inside the stage's fit
+                    time.sleep(3)  # inside the stage: 20 epochs
                     break
             time.sleep(1)
         else:
