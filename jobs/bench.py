@@ -1082,13 +1082,14 @@ def all_benchmarks(workdir: str, tiny: bool) -> list[tuple[str, list[str]]]:
         ("prune", []),
         ("guard", []),
         ("item-step", []),
-        ("serve", ["--workdir", os.path.join(workdir, "serve"), "--repeats", "50", "--users", "1024"]),
+        ("serve", ["--workdir", os.path.join(workdir, "serve"), "--repeats", "30", "--users", "1024", "--tasks", "pretrain"]),
         ("pipeline", ["--data", os.path.join(workdir, "ttl-small"), "--max-files", "3", "--epochs", "2",
                       "--workers", "1"]),
         ("batch-mix", ["--data", demo, "--preset", "demo", "--task", "click", "--batch-size", "256"]),
-        ("scaling", ["--data", os.path.join(workdir, "ttl-small"), "--workdir", os.path.join(workdir, "scaling")]),
+        ("scaling", ["--data", os.path.join(workdir, "ttl-small"), "--workdir", os.path.join(workdir, "scaling"),
+                     "--steps", "12"]),
         ("fixed-cost", ["--data", demo, "--workdir", os.path.join(workdir, "fixed-cost"), "--tasks", "pretrain,click",
-                        "--", "--epochs", "1", "--retrain-epochs", "1"]),
+                        "--", "--epochs", "1", "--retrain-epochs", "0", "--max-eval-rows", "200"]),
     ]
 
 

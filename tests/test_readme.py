@@ -13,7 +13,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
-# The reduced form of the main command (same command, fewer tasks and epochs): about 3 minutes here.
+# The reduced form of the main command (same command, fewer tasks and epochs): about 1.5 minutes here.
 REDUCED = ["--tasks", "pretrain,click", "--epochs", "1", "--retrain-epochs", "1"]
 
 
