@@ -96,7 +96,9 @@ class RayExecutor:
             self.close()
             raise
         if self.exp.cluster.worker_group == "stage":
-            self.close()
+            # Until the fit has ended: the next command's fit has the same name and storage.
+            session, self._session = self._session, None
+            session.close(timeout_s=None)
         return answer
 
     def close(self, wait: bool = True) -> None:
@@ -238,8 +240,9 @@ class Session:
                 name=SESSION,
                 storage_path=executor.rundir.storage_uri("ray", executor.run_id),
                 # Restarts are counted per command by the mailbox (cluster.max_failures per stage and
-                # per evaluation); Ray Train's own limit only ends a session whose workers keep
-                # failing before they can reach the mailbox.
+                # per evaluation). Ray Train's own limit counts every restart of the session: it
+                # ends one whose workers keep failing before they reach the mailbox (and a very
+                # long run on flaky nodes; a rerun resumes it).
                 failure_config=ray.train.FailureConfig(max_failures=SESSION_RESTARTS + 10 * c.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 worker_runtime_env={"env_vars": _worker_env()},
@@ -276,9 +279,10 @@ class Session:
                 raise StageFailed(f"{what} failed: {cause}") from self.error
             time.sleep(poll_s)
 
-    def close(self, wait: bool = True, timeout_s: float = 120.0) -> None:
+    def close(self, wait: bool = True, timeout_s: float | None = 120.0) -> None:
         """Tell the workers to stop after the command in progress (if any); ``wait``: until the
-        fit has ended. (A driver that exits takes its session with it.)"""
+        fit has ended, at most ``timeout_s`` (None: no limit). (A driver that exits takes its
+        session with it.)"""
         import ray
 
         if not self.thread.is_alive():
@@ -288,7 +292,7 @@ class Session:
             self.thread.join(timeout_s)
             if self.thread.is_alive():
                 logging.getLogger("conure_dist").warning(
-                    f"the session's workers did not stop within {timeout_s:.0f} s; they stop after their command")
+                    f"the session's workers did not stop within {timeout_s} s; they stop after their command")
 
 
 def _worker_env() -> dict[str, str]:

@@ -9,10 +9,11 @@ commands; the workers wait for the next command meanwhile. The mailbox keeps eac
 iterators (Ray Data's streaming split, one per rank) for the commands that read it again: a
 retrain stage reads its train stage's splits, and every commit the earlier tasks' test splits.
 
-Failures are counted per command, as they were per stage fit: a worker that fails makes Ray
-Train restart the group, the new group asks the mailbox for the command in progress and
-resumes it from its last checkpoint; once a command has used up ``max_failures`` restarts it is
-answered with the workers' error, and the stage fails with it.
+Failures are counted per command: a worker that fails (or a node that is lost: preemptions
+count too, unlike Ray Train's own count) makes Ray Train restart the group, the new group asks
+the mailbox for the command in progress and resumes it from its last checkpoint; once a
+command has used up ``max_failures`` restarts it is answered with the workers' error, and the
+stage fails with it.
 """
 
 from __future__ import annotations
