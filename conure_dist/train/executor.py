@@ -96,17 +96,16 @@ class RayExecutor:
             self.close()
             raise
         if self.exp.cluster.worker_group == "stage":
-            # Until the fit has ended: the next command's fit has the same name and storage.
-            session, self._session = self._session, None
-            session.close(timeout_s=None)
+            self.close(timeout_s=None)  # until the fit has ended: the next command's has the same name and storage
         return answer
 
-    def close(self, wait: bool = True) -> None:
+    def close(self, wait: bool = True, timeout_s: float | None = 120.0) -> None:
         """Stop the session's workers (the next command starts a new session); ``wait``: until
-        they have stopped (not when the driver is on its way out after an error)."""
+        they have stopped, at most ``timeout_s`` (not when the driver is on its way out after an
+        error)."""
         if self._session is not None:
             session, self._session = self._session, None
-            session.close(wait)
+            session.close(wait, timeout_s)
 
     def __enter__(self) -> "RayExecutor":
         return self

@@ -344,7 +344,7 @@ def stage_command(config: dict[str, Any]) -> dict[str, Any]:
 
     if finished_before:  # the stage had finished before the driver stopped: its last checkpoint is the result
         stepper.close()
-        return {"checkpoint": os.path.basename(checkpoint.path.rstrip("/"))}
+        return {"checkpoint": _checkpoint_name(checkpoint)}
     if not progress.finished(epochs):
         progress, best = run_stage(
             model=model, stepper=stepper, loss_fn=loss_fn, train_batches=batches, validate=validate,
@@ -435,6 +435,11 @@ def _checkpoint_step(name: str) -> int | None:
     return int(number) if head in ("step", "final") and number.isdigit() else None
 
 
+def _checkpoint_name(checkpoint) -> str:
+    """A Ray Train checkpoint's directory name (``step-000000006-e0-a1-click-train``)."""
+    return checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+
+
 def _checkpoint_key(name: str) -> str:
     """The stage key a checkpoint directory's name ends with (``step-000000006-e0-a1-click-train``:
     ``click-train``; task names have no ``-``), "" for another name."""
@@ -445,7 +450,7 @@ def _checkpoint_key(name: str) -> str:
 def _own_checkpoint(latest, key: str):
     """``latest`` if it is a checkpoint of stage ``key``: a session's latest checkpoint can be
     another stage's (the stage before this one, or none of this stage yet)."""
-    if latest is None or _checkpoint_key(latest.path.rstrip("/").rsplit("/", 1)[-1]) != key:
+    if latest is None or _checkpoint_key(_checkpoint_name(latest)) != key:
         return None
     return latest
 
