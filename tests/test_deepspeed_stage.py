@@ -84,3 +84,21 @@ def test_a_closed_stepper_releases_its_engine_for_the_next_stage_in_the_same_wor
     del stepper, model
     gc.collect()
     assert engine() is None and optimizer() is None
+
+
+def test_memory_milestones_never_report_a_peak_below_an_earlier_one(monkeypatch):
+    """The kernel's resident counters are approximate: its peak can read under an earlier
+    milestone's. A milestone's "peak so far" must still never fall within a stage."""
+    from conure_dist.train import worker
+
+    readings = iter([(552_148_992, 552_148_992), (552_000_000, 552_046_592), (553_000_000, 553_100_000)])
+    now = {}
+    monkeypatch.setattr(worker, "rss_bytes", lambda: now["rss"])
+    monkeypatch.setattr(worker, "peak_rss_bytes", lambda: now["peak"])
+    timing = {}
+    for name in ("model", "engine", "first_step"):
+        now["rss"], now["peak"] = next(readings)
+        worker._milestone(timing, name)
+    peaks = [timing["memory_milestones"][k]["peak_rss_bytes"] for k in ("model", "engine", "first_step")]
+    assert peaks == [552_148_992, 552_148_992, 553_100_000]
+    assert timing["memory_milestones"]["engine"]["rss_bytes"] == 552_000_000  # the reading itself is kept

@@ -103,10 +103,13 @@ def rss_bytes() -> int:
 
 def _milestone(timing: dict, name: str) -> None:
     """Resident memory now and the peak so far, at a named point of the stage (this rank's):
-    how the peak builds up, next to the plan's components. (The kernel's peak lags the current
-    figure by up to a few hundred KiB: the peak so far is never taken below the current one.)"""
+    how the peak builds up, next to the plan's components. The kernel's resident counters are
+    approximate (per-CPU batches: its peak can read a few hundred KiB under an earlier reading),
+    so the peak so far is never taken below the current figure or an earlier milestone's peak."""
     rss = rss_bytes()
-    timing.setdefault("memory_milestones", {})[name] = {"rss_bytes": rss, "peak_rss_bytes": max(rss, peak_rss_bytes())}
+    marks = timing.setdefault("memory_milestones", {})
+    earlier = max((m["peak_rss_bytes"] for m in marks.values()), default=0)
+    marks[name] = {"rss_bytes": rss, "peak_rss_bytes": max(rss, peak_rss_bytes(), earlier)}
 
 
 def _peak_memory(device: torch.device) -> dict[str, list[int]]:
