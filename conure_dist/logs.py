@@ -125,23 +125,39 @@ class RunClock:
     """ETA of the stage (its remaining epochs at the measured speed; early stopping can only make
     it shorter) and of the run: the remaining epochs of later stages at the current speed, plus
     each remaining stage's or evaluation's fixed cost as measured so far (the first one, which
-    also started the workers, is left out once there are others)."""
+    also loaded the libraries, is left out once there are others). Starting a worker group is
+    counted apart (:meth:`workers_ready`): with ``new_workers_per_fit`` (``cluster.worker_group:
+    stage``) every remaining fit pays it again, else only the first fit paid it."""
 
-    def __init__(self) -> None:
+    def __init__(self, new_workers_per_fit: bool = False) -> None:
         self.remaining_examples = 0  # epochs x train rows of the stages after the current one
         self.remaining_fits = 0
-        self.fixed_costs: list[float] = []
+        self.new_workers_per_fit = new_workers_per_fit
+        self.fixed_costs: list[float] = []  # each fit's wall time less its epochs and its workers' start
+        self.worker_starts: list[float] = []  # seconds from asking for a worker group to its workers running
         self._started = time.time()
         self._epoch_seconds = 0.0
+        self._start_seconds = 0.0
+        self._in_fit = False
 
     def plan(self, remaining_examples: int, remaining_fits: int) -> None:
         self.remaining_examples, self.remaining_fits = remaining_examples, remaining_fits
 
     def begin_fit(self) -> None:
-        self._started, self._epoch_seconds = time.time(), 0.0
+        self._started, self._epoch_seconds, self._start_seconds, self._in_fit = time.time(), 0.0, 0.0, True
 
     def end_fit(self) -> None:
-        self.fixed_costs.append(max(0.0, time.time() - self._started - self._epoch_seconds))
+        self._in_fit = False
+        self.fixed_costs.append(max(0.0, time.time() - self._started - self._epoch_seconds - self._start_seconds))
+
+    def workers_ready(self, seconds: float) -> None:
+        """A worker group is running, ``seconds`` after it was asked for (the workers' report
+        can reach the driver just after the fit has ended: then it is that fit's)."""
+        self.worker_starts.append(seconds)
+        if self._in_fit:
+            self._start_seconds += seconds
+        elif self.fixed_costs:
+            self.fixed_costs[-1] = max(0.0, self.fixed_costs[-1] - seconds)
 
     def epoch_line(self, e: dict[str, Any]) -> str:
         self._epoch_seconds += e["seconds"]
@@ -149,6 +165,8 @@ class RunClock:
         stage_eta = 0.0 if e.get("last") else (e["epochs"] - e["epoch"]) * e["seconds"]
         costs = self.fixed_costs[1:] or self.fixed_costs
         fixed = sum(costs) / len(costs) if costs else 0.0
+        if self.new_workers_per_fit and self.worker_starts:
+            fixed += sum(self.worker_starts) / len(self.worker_starts)
         run_eta = stage_eta + (self.remaining_examples / rate if rate > 0 else 0.0) + fixed * self.remaining_fits
         metric = f"val {e['metric']} {e['value']:.4f}{' (best)' if e.get('improved') else ''}" if e.get("metric") else ""
         wait = f"  waiting for data {100 * e['data_wait_s'] / e['train_s']:.0f} %" if e.get("train_s") else ""
@@ -183,6 +201,8 @@ class EventChannel:
     def handle(self, event: dict[str, Any]) -> None:
         if event.get("kind") == "epoch":
             log.info(self.clock.epoch_line(event))
+        elif event.get("kind") == "workers_ready":
+            self.clock.workers_ready(event["seconds"])
         else:
             log.log(logging.INFO if event.get("level") == "info" else logging.DEBUG, event.get("text", ""))
 

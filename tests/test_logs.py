@@ -44,6 +44,32 @@ def test_eta_counts_the_stage_the_later_stages_and_each_fits_fixed_cost():
     assert clock.epoch_line(event).endswith("ETA stage 0:00:20, run 0:02:18")
 
 
+def test_the_workers_start_is_counted_once_in_a_session_and_per_fit_in_the_stage_layout(monkeypatch):
+    """The first fit of a session also starts the worker group (20 s here): later fits reuse it,
+    so the ETA must not charge that start to each of them; with a group per fit it does."""
+    import conure_dist.logs as logs
+
+    now = [1000.0]
+    monkeypatch.setattr(logs.time, "time", lambda: now[0])
+    event = {"task": "pretrain", "stage": "retrain", "epoch": 1, "epochs": 1, "loss": 0.5, "examples_per_s": 100.0,
+             "seconds": 2.0, "last": True}
+    for per_fit, late in ((False, False), (True, False), (False, True)):
+        clock = RunClock(new_workers_per_fit=per_fit)
+        clock.begin_fit()
+        if not late:
+            clock.workers_ready(20.0)
+        now[0] += 27.0  # the fit: 20 s of workers' start, 5 s of epochs, 2 s more
+        clock.epoch_line({**event, "seconds": 5.0})
+        clock.end_fit()
+        if late:  # the workers' report reached the driver after the fit had ended
+            clock.workers_ready(20.0)
+        assert clock.fixed_costs == [2.0]
+        clock.plan(remaining_examples=1000, remaining_fits=5)
+        # 1000 ex / 100 ex/s + 5 fits x 2 s = 20 s, + 5 x 20 s of workers' start with a group per fit
+        run_eta = "0:00:20" if not per_fit else "0:02:00"
+        assert clock.epoch_line(event).endswith(f"run {run_eta}"), (per_fit, late)
+
+
 def test_a_stage_that_ends_at_this_epoch_has_no_stage_eta_and_hours_do_not_wrap():
     clock = RunClock()
     clock.plan(remaining_examples=3_600_000, remaining_fits=0)

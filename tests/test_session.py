@@ -86,7 +86,7 @@ def test_each_split_is_split_once_per_worker_group_and_read_again_by_later_comma
     ds, size = ray.data.from_arrow(table), SplitSize(5, table.schema)
     box = Commands(world_size=2, max_failures=0, keep_splits=1)
     box.hello("g1")
-    first = box.post({"kind": "train"}, {"train": "a.train"}, {"a.train": (ds, size)})
+    first = box.post({"kind": "train"}, {"train": "a.train"}, {"a.train": (ds, size, False)})
     its = [box.shards(first, "g1", r)["train"] for r in (0, 1)]
     for _ in range(2):  # two epochs: every row once each, one padding row (user -1) to make 3 + 3
         users = _together(its)
@@ -94,10 +94,47 @@ def test_each_split_is_split_once_per_worker_group_and_read_again_by_later_comma
     again = box.post({"kind": "train"}, {"train": "a.train"}, {})
     assert box.shards(again, "g1", 0)["train"] is its[0]  # the same iterators, split once
     assert sorted(sum(_together(its), [])) == [-1, 0, 1, 2, 3, 4]  # and read again by the later command
-    other = box.post({"kind": "evaluate"}, {"test_b": "b.test"}, {"b.test": (ds, size)})
+    other = box.post({"kind": "evaluate"}, {"test_b": "b.test"}, {"b.test": (ds, size, False)})
     box.shards(other, "g1", 0)
     assert list(box.splits) == ["b.test"]  # keep_splits 1: a/train's were dropped
     kept = box.splits["b.test"]
     box.hello("g2")  # a restarted group gets new ones
     box.shards(other, "g2", 0)
     assert box.group == "g2" and box.splits["b.test"] is not kept
+
+
+def test_evaluation_splits_in_the_object_store_are_cut_into_a_fixed_part_per_rank(ray_cluster):
+    """Real Ray Data: a materialized split marked in memory reaches each rank as its own equal,
+    contiguous part (padded), every row exactly once, the same part every time it is cut, and
+    readable again and again without a coordinator."""
+    import pyarrow as pa
+    import ray.data
+
+    from ray.data.dataset import MaterializedDataset
+
+    from conure_dist.data.pipeline import SplitSize, split_in_memory
+
+    table = pa.table({"user": pa.array(range(11), pa.int64()), "seq": pa.array([[u + 1] for u in range(11)], pa.list_(pa.int64()))})
+    ds = ray.data.from_arrow([table.slice(0, 4), table.slice(4, 5), table.slice(9, 2)])  # blocks of 4, 5, 2 rows
+    ds.context.execution_options.preserve_order = True
+    ds = ds.materialize()
+    size = SplitSize(11, table.schema)
+
+    def users(part):
+        return [row["user"] for row in part.iter_rows()]
+
+    for world, padding in ((2, [-1]), (3, [-1])):
+        parts = split_in_memory(ds, size, world)
+        assert all(isinstance(p, MaterializedDataset) for p in parts)
+        got = [users(p) for p in parts]
+        assert len({len(u) for u in got}) == 1  # equal parts: every rank runs the same steps
+        assert sorted(sum(got, [])) == sorted(list(range(11)) + padding)
+        assert [u for u in sum(got, []) if u >= 0] == list(range(11))  # contiguous, in the stored order
+        assert [users(p) for p in parts] == got  # read again: the same rows
+        assert [users(p) for p in split_in_memory(ds, size, world)] == got  # cut again: the same parts
+
+    box = Commands(world_size=2, max_failures=0)
+    box.hello("g1")
+    seq = box.post({"kind": "evaluate"}, {"test_a": "a.test"}, {"a.test": (ds, size, True)})
+    parts = [box.shards(seq, "g1", r)["test_a"] for r in (0, 1)]
+    assert [users(p) for p in parts] == [users(p) for p in split_in_memory(ds, size, 2)]

@@ -45,6 +45,7 @@ import torch
 
 import ray.data
 from ray.data.collate_fn import ArrowBatchCollateFn
+from ray.data.dataset import MaterializedDataset
 from ray.train import DataConfig
 
 from conure_dist.data.format import PAD_ID, PAD_LABEL, PAD_USER, DatasetInfo
@@ -279,9 +280,25 @@ class ExactlyOnceDataConfig(DataConfig):
         for name, ds in datasets.items():
             if name in to_split and name not in self._sizes:
                 raise ValueError(f"ExactlyOnceDataConfig: no SplitSize for split dataset {name!r}")
-            missing = (-self._sizes[name].rows) % world_size if name in to_split else 0
-            if missing:
-                pad = ray.data.from_arrow(padding_table(self._sizes[name].schema, missing))
-                ds = ds.union(pad)
-            padded[name] = ds
+            padded[name] = pad_to_multiple(ds, self._sizes[name], world_size) if name in to_split else ds
         return super().configure(padded, world_size, worker_handles, worker_node_ids, **kwargs)
+
+
+def pad_to_multiple(dataset: ray.data.Dataset, size: SplitSize, world_size: int) -> ray.data.Dataset:
+    """``dataset`` with padding rows appended up to a multiple of ``world_size`` rows."""
+    missing = (-size.rows) % world_size
+    if not missing:
+        return dataset
+    return dataset.union(ray.data.from_arrow(padding_table(size.schema, missing)))
+
+
+def split_in_memory(dataset: MaterializedDataset, size: SplitSize, world_size: int) -> list[MaterializedDataset]:
+    """Each rank's share of a split that is already in the object store, padded like
+    :class:`ExactlyOnceDataConfig` and cut into ``world_size`` equal, contiguous parts in the
+    stored order: every row reaches exactly one rank, always the same one. Each rank then reads
+    its part on its own, without the coordinator actor (a process: seconds to start) that a
+    streaming split needs. For evaluation splits: which rank reads a row only changes how the
+    metric sums are added up."""
+    padded = pad_to_multiple(dataset, size, world_size)
+    padded.context.execution_options.preserve_order = True  # the padding last, whatever finishes first
+    return padded.split(world_size, equal=True)

@@ -277,7 +277,7 @@ def run_experiment(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False
         run = open_run(exp, run_dir, new_run=new_run, add_task=add_task, engine="in-process" if in_process else "ray")
         if config_yaml is not None:
             run.rundir.write_text("config.yaml", config_yaml)
-        clock = RunClock()
+        clock = RunClock(new_workers_per_fit=exp.cluster.worker_group == "stage")
         channel = None if in_process else EventChannel(clock)
         try:
             return _run_locked(run, clock, channel, {"fail_once_at_step": fail_once_at_step,

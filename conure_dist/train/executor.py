@@ -83,12 +83,10 @@ class RayExecutor:
     def _run(self, kind: str, config: dict[str, Any], datasets: dict[str, tuple[str, str]], what: str) -> Any:
         """Run one command in the session (started at the first one, and again after a failed one);
         ``datasets``: name -> (task, split), each split read exactly once per epoch."""
-        from conure_dist.data.pipeline import split_size
-
         if self._session is None:
             self._session = Session(self)
         reads = {name: f"{task}.{split}" for name, (task, split) in datasets.items()}
-        sources = {f"{task}.{split}": (self._dataset(task, split), split_size(self.info, task, split, self._max_rows(split)))
+        sources = {f"{task}.{split}": self._source(task, split)
                    for task, split in datasets.values() if f"{task}.{split}" not in self._session.posted}
         try:
             answer = self._session.run(kind, config, reads, sources, what)
@@ -128,6 +126,18 @@ class RayExecutor:
                                                 cache_below_bytes=self.exp.cluster.cache_splits_below_bytes,
                                                 max_rows=self._max_rows(split), reader=self.exp.cluster.reader)
         return self._datasets[key]
+
+    def _source(self, task: str, split: str) -> tuple[Any, Any, bool]:
+        """What the mailbox splits for the workers: the dataset, its size, and whether each rank
+        reads a fixed part of it in the object store (evaluation splits read into it; a train
+        split keeps the streaming split, whose per-rank order its runs were made with)."""
+        from ray.data.dataset import MaterializedDataset
+
+        from conure_dist.data.pipeline import split_size
+
+        dataset = self._dataset(task, split)
+        in_memory = split != "train" and isinstance(dataset, MaterializedDataset)
+        return dataset, split_size(self.info, task, split, self._max_rows(split)), in_memory
 
     def _max_rows(self, split: str) -> int:
         return 0 if split == "train" else self.exp.max_eval_rows

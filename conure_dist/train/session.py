@@ -8,6 +8,8 @@ coordinator still computes the merges and prune masks and writes the run directo
 commands; the workers wait for the next command meanwhile. The mailbox keeps each split's
 iterators (Ray Data's streaming split, one per rank) for the commands that read it again: a
 retrain stage reads its train stage's splits, and every commit the earlier tasks' test splits.
+Evaluation splits small enough to be read once into the object store are instead cut into a
+fixed part per rank: no streaming split's coordinator process to start for each of them.
 
 Failures are counted per command: a worker that fails (or a node that is lost: preemptions
 count too, unlike Ray Train's own count) makes Ray Train restart the group, the new group asks
@@ -32,7 +34,7 @@ class Commands:
         self.world_size, self.max_failures, self.keep_splits = world_size, max_failures, keep_splits
         self.commands: list[dict[str, Any]] = []
         self.reads: dict[int, dict[str, str]] = {}  # seq -> {name in the worker: split id}
-        # split id ("click.train", also the Ray Data dataset name: no "/") -> (Dataset, SplitSize)
+        # split id ("click.train", also the Ray Data dataset name: no "/") -> (Dataset, SplitSize, in memory)
         self.sources: dict[str, tuple[Any, Any]] = {}
         self.results: dict[int, Any] = {}
         self.splits: dict[str, list] = {}  # split id -> each rank's iterator, most recently used last
@@ -44,7 +46,9 @@ class Commands:
     # -- the coordinator -------------------------------------------------------------
     def post(self, command: dict[str, Any], reads: dict[str, str], sources: dict[str, tuple[Any, Any]]) -> int:
         """``reads``: the command's dataset names -> split ids; ``sources``: split id ->
-        (Ray Dataset, :class:`~conure_dist.data.pipeline.SplitSize`) of those first seen."""
+        (Ray Dataset, :class:`~conure_dist.data.pipeline.SplitSize`, in memory) of those first
+        seen; ``in memory``: a materialized dataset that each rank reads a fixed part of
+        (:func:`~conure_dist.data.pipeline.split_in_memory`), else a streaming split."""
         self.commands.append(command)
         seq = len(self.commands) - 1
         self.reads[seq] = dict(reads)
@@ -91,11 +95,14 @@ class Commands:
         out = {}
         for name, split in self.reads[seq].items():
             if split not in self.splits:
-                from conure_dist.data.pipeline import ExactlyOnceDataConfig
+                from conure_dist.data.pipeline import ExactlyOnceDataConfig, split_in_memory
 
-                dataset, size = self.sources[split]
-                config = ExactlyOnceDataConfig({split: size}, datasets_to_split=[split])
-                self.splits[split] = [its[split] for its in config.configure({split: dataset}, self.world_size, None, None)]
+                dataset, size, in_memory = self.sources[split]
+                if in_memory:
+                    self.splits[split] = split_in_memory(dataset, size, self.world_size)
+                else:
+                    config = ExactlyOnceDataConfig({split: size}, datasets_to_split=[split])
+                    self.splits[split] = [its[split] for its in config.configure({split: dataset}, self.world_size, None, None)]
             self.splits[split] = self.splits.pop(split)  # most recently used last
             out[name] = self.splits[split][rank]
         while len(self.splits) > max(self.keep_splits, len(self.reads[seq])):
