@@ -250,3 +250,26 @@ def test_the_files_reader_reads_each_file_whole_in_a_seeded_order(info, ray_sess
     assert sorted(read(1, reader="parquet")) == sorted(stored)  # the older reader still reads the split
     with pytest.raises(ValueError, match="unknown reader"):
         read_split(info, task, split, reader="csv")
+
+
+def test_unshuffled_batches_fetched_in_bulk_are_the_batches_ray_would_give(info, ray_session, monkeypatch):
+    """Without a shuffle buffer, Ray Data is asked for several batches' rows at once and they are
+    cut into views: the same batches, in the same order, as Ray's own batching, short last
+    batch included (or dropped with drop_last)."""
+    import torch
+
+    from conure_dist.data import pipeline
+
+    ds = pipeline.read_split(info, "click", "train")
+    ds.context.execution_options.preserve_order = True
+    ds = ds.materialize()
+    rows = ds.count()
+    batch = next(b for b in (7, 5, 11, 13) if rows % b and rows % (3 * b))  # a short last fetch and batch
+    monkeypatch.setattr(pipeline, "RAY_BATCH_ROWS", 3 * batch)  # 3 batches per fetch
+    for drop_last in (False, True):
+        ray_own = list(ds.iter_torch_batches(batch_size=batch, drop_last=drop_last,
+                                             collate_fn=pipeline.PaddedBatchCollate(6, True)))
+        ours = list(pipeline.iter_torch_batches(ds, batch_size=batch, seq_len=6, with_label=True, drop_last=drop_last))
+        assert len(ours) == len(ray_own) == (rows // batch if drop_last else -(-rows // batch))
+        for a, b in zip(ours, ray_own):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

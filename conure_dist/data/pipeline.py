@@ -204,10 +204,34 @@ def iter_torch_batches(data_iterator, *, batch_size: int, seq_len: int, with_lab
 
     Yields ``user`` [B], ``seq`` [B, seq_len] and, with ``with_label``, ``label`` [B]. Rows with
     ``user == -1`` are padding (see the module docstring).
+
+    Without a shuffle buffer the batches are consecutive rows, so Ray Data is asked for about
+    :data:`RAY_BATCH_ROWS` rows at a time, padded at once and cut into ``batch_size`` views:
+    the same batches, without Ray Data's per-batch cost (~0.5 ms) for each of them.
     """
-    return iter(data_iterator.iter_torch_batches(
-        batch_size=batch_size, collate_fn=PaddedBatchCollate(seq_len, with_label), drop_last=drop_last,
-        local_shuffle_buffer_size=local_shuffle_buffer_size, local_shuffle_seed=local_shuffle_seed))
+    collate = PaddedBatchCollate(seq_len, with_label)
+    if local_shuffle_buffer_size:
+        return iter(data_iterator.iter_torch_batches(
+            batch_size=batch_size, collate_fn=collate, drop_last=drop_last,
+            local_shuffle_buffer_size=local_shuffle_buffer_size, local_shuffle_seed=local_shuffle_seed))
+    per_fetch = max(1, RAY_BATCH_ROWS // batch_size)
+    return _cut(data_iterator.iter_torch_batches(batch_size=batch_size * per_fetch, collate_fn=collate),
+                batch_size, drop_last)
+
+
+# Rows per batch asked of Ray Data where batches are consecutive rows (see iter_torch_batches).
+RAY_BATCH_ROWS = 4096
+
+
+def _cut(batches, batch_size: int, drop_last: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """``batch_size``-row views of each batch, in order. Only the last batch that Ray Data gives
+    can be short, so only the last view can be: dropped with ``drop_last``."""
+    for batch in batches:
+        rows = len(batch["user"])
+        for start in range(0, rows, batch_size):
+            if drop_last and start + batch_size > rows:
+                return
+            yield {key: value[start:start + batch_size] for key, value in batch.items()}
 
 
 def epoch_batches(data_iterator, *, epoch: int, rank: int, seed: int, shuffle_rows: int, batch_size: int,
