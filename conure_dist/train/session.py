@@ -35,7 +35,7 @@ class Commands:
         self.commands: list[dict[str, Any]] = []
         self.reads: dict[int, dict[str, str]] = {}  # seq -> {name in the worker: split id}
         # split id ("click.train", also the Ray Data dataset name: no "/") -> (Dataset, SplitSize, in memory)
-        self.sources: dict[str, tuple[Any, Any]] = {}
+        self.sources: dict[str, tuple[Any, Any, bool]] = {}
         self.results: dict[int, Any] = {}
         self.splits: dict[str, list] = {}  # split id -> each rank's iterator, most recently used last
         self.group: str | None = None  # the worker group now running (the iterators are its)
@@ -44,7 +44,7 @@ class Commands:
         self.starts_without_command = 0
 
     # -- the coordinator -------------------------------------------------------------
-    def post(self, command: dict[str, Any], reads: dict[str, str], sources: dict[str, tuple[Any, Any]]) -> int:
+    def post(self, command: dict[str, Any], reads: dict[str, str], sources: dict[str, tuple[Any, Any, bool]]) -> int:
         """``reads``: the command's dataset names -> split ids; ``sources``: split id ->
         (Ray Dataset, :class:`~conure_dist.data.pipeline.SplitSize`, in memory) of those first
         seen; ``in memory``: a materialized dataset that each rank reads a fixed part of
