@@ -139,28 +139,33 @@ class RunClock:
         self._epoch_seconds = 0.0
         self._start_seconds = 0.0
         self._in_fit = False
+        self._lock = threading.Lock()  # the event thread reports; the coordinator's thread begins and ends fits
 
     def plan(self, remaining_examples: int, remaining_fits: int) -> None:
         self.remaining_examples, self.remaining_fits = remaining_examples, remaining_fits
 
     def begin_fit(self) -> None:
-        self._started, self._epoch_seconds, self._start_seconds, self._in_fit = time.time(), 0.0, 0.0, True
+        with self._lock:
+            self._started, self._epoch_seconds, self._start_seconds, self._in_fit = time.time(), 0.0, 0.0, True
 
     def end_fit(self) -> None:
-        self._in_fit = False
-        self.fixed_costs.append(max(0.0, time.time() - self._started - self._epoch_seconds - self._start_seconds))
+        with self._lock:
+            self._in_fit = False
+            self.fixed_costs.append(max(0.0, time.time() - self._started - self._epoch_seconds - self._start_seconds))
 
     def workers_ready(self, seconds: float) -> None:
-        """A worker group is running, ``seconds`` after it was asked for (the workers' report
-        can reach the driver just after the fit has ended: then it is that fit's)."""
-        self.worker_starts.append(seconds)
-        if self._in_fit:
-            self._start_seconds += seconds
-        elif self.fixed_costs:
-            self.fixed_costs[-1] = max(0.0, self.fixed_costs[-1] - seconds)
+        """A session's workers are running, ``seconds`` after it was asked for (their report can
+        reach the driver just after the fit has ended: then it is that fit's)."""
+        with self._lock:
+            self.worker_starts.append(seconds)
+            if self._in_fit:
+                self._start_seconds += seconds
+            elif self.fixed_costs:
+                self.fixed_costs[-1] = max(0.0, self.fixed_costs[-1] - seconds)
 
     def epoch_line(self, e: dict[str, Any]) -> str:
-        self._epoch_seconds += e["seconds"]
+        with self._lock:
+            self._epoch_seconds += e["seconds"]
         rate = e.get("examples_per_s") or 0.0
         stage_eta = 0.0 if e.get("last") else (e["epochs"] - e["epoch"]) * e["seconds"]
         costs = self.fixed_costs[1:] or self.fixed_costs

@@ -123,18 +123,35 @@ def test_evaluation_splits_in_the_object_store_are_cut_into_a_fixed_part_per_ran
     def users(part):
         return [row["user"] for row in part.iter_rows()]
 
-    for world, padding in ((2, [-1]), (3, [-1])):
+    for world, padding in ((1, 0), (2, 1), (3, 1), (4, 1), (6, 1), (11, 0)):
         parts = split_in_memory(ds, size, world)
-        assert all(isinstance(p, MaterializedDataset) for p in parts)
+        assert len(parts) == world and all(isinstance(p, MaterializedDataset) for p in parts)
         got = [users(p) for p in parts]
         assert len({len(u) for u in got}) == 1  # equal parts: every rank runs the same steps
-        assert sorted(sum(got, [])) == sorted(list(range(11)) + padding)
-        assert [u for u in sum(got, []) if u >= 0] == list(range(11))  # contiguous, in the stored order
+        # every row once, contiguous in the stored order, the padding rows (user -1) last
+        assert sum(got, []) == list(range(11)) + [-1] * padding, (world, got)
         assert [users(p) for p in parts] == got  # read again: the same rows
         assert [users(p) for p in split_in_memory(ds, size, world)] == got  # cut again: the same parts
+    with pytest.raises(ValueError, match="split has 11 rows, but its dataset.json count is 12"):
+        split_in_memory(ds, SplitSize(12, table.schema), 2)  # rows would be dropped or padded wrongly
 
     box = Commands(world_size=2, max_failures=0)
     box.hello("g1")
     seq = box.post({"kind": "evaluate"}, {"test_a": "a.test"}, {"a.test": (ds, size, True)})
     parts = [box.shards(seq, "g1", r)["test_a"] for r in (0, 1)]
     assert [users(p) for p in parts] == [users(p) for p in split_in_memory(ds, size, 2)]
+    again = box.post({"kind": "evaluate"}, {"test_a": "a.test"}, {})
+    assert box.shards(again, "g1", 1)["test_a"] is parts[1]  # kept for later commands
+    box.hello("g2")  # a restarted group: cut again, the same rows per rank
+    recut = [box.shards(again, "g2", r)["test_a"] for r in (0, 1)]
+    assert recut[0] is not parts[0] and [users(p) for p in recut] == [users(p) for p in parts]
+
+
+def test_a_group_knows_whether_it_is_the_sessions_first():
+    """Only the first group's start is the session's start (a restarted one's includes the failed one)."""
+    box = Commands(world_size=2, max_failures=1)
+    box.hello("g1")
+    assert not box.restarted()
+    box.post({"kind": "train", "config": {}}, {}, {})
+    box.hello("g2")
+    assert box.restarted()

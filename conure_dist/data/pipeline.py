@@ -317,12 +317,18 @@ def pad_to_multiple(dataset: ray.data.Dataset, size: SplitSize, world_size: int)
 
 
 def split_in_memory(dataset: MaterializedDataset, size: SplitSize, world_size: int) -> list[MaterializedDataset]:
-    """Each rank's share of a split that is already in the object store, padded like
-    :class:`ExactlyOnceDataConfig` and cut into ``world_size`` equal, contiguous parts in the
-    stored order: every row reaches exactly one rank, always the same one. Each rank then reads
-    its part on its own, without the coordinator actor (a process: seconds to start) that a
-    streaming split needs. For evaluation splits: which rank reads a row only changes how the
-    metric sums are added up."""
-    padded = pad_to_multiple(dataset, size, world_size)
-    padded.context.execution_options.preserve_order = True  # the padding last, whatever finishes first
-    return padded.split(world_size, equal=True)
+    """Each rank's share of a split that is already in the object store: padded to a multiple
+    of ``world_size`` rows with the padding rows of :class:`ExactlyOnceDataConfig` (last), and cut
+    into ``world_size`` equal, contiguous parts in the stored order, so every row reaches exactly
+    one rank, always the same one. Each rank then reads its part on its own, without the
+    coordinator actor (a process: seconds to start) that a streaming split needs. For evaluation
+    splits: which rank reads a row only changes how the metric sums are added up. A block cut
+    between two ranks is copied into two (the parts hold those copies while they are kept)."""
+    rows = dataset.count()  # from the blocks' metadata
+    if rows != size.rows:  # split(equal=True) would drop the remainder of an uneven count
+        raise ValueError(f"split has {rows} rows, but its dataset.json count is {size.rows}")
+    blocks = dataset.to_arrow_refs()  # in the stored order, not copied
+    missing = (-rows) % world_size
+    if missing:  # the padding rows last (a union would slot them in after the first block)
+        blocks.append(ray.put(padding_table(size.schema, missing)))
+    return ray.data.from_arrow_refs(blocks).split(world_size, equal=True)

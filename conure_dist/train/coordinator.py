@@ -347,7 +347,8 @@ def _run_plan(run: Run, clock, executor, dataset, in_process: bool) -> Run:
         later = pending[index + 1:]
         clock.plan(_remaining_examples(exp, dataset, later),
                    sum(p.step is Step.COMMIT or machine.fits(p) for p in later))
-        clock.begin_fit()
+        if planned.step in FIT_STEPS:
+            clock.begin_fit()
         if machine.fits(planned):
             train = exp.task(planned.task).train
             epochs = train.epochs if planned.step is Step.TRAIN else train.retrain_epochs

@@ -42,6 +42,7 @@ class Commands:
         self.attempts: dict[int, list[str]] = {}  # seq -> the groups that tried it
         self.errors: dict[int, list[tuple[str, int, str]]] = {}  # seq -> (group, rank, error) of each failure
         self.starts_without_command = 0
+        self.groups_started = 0  # worker groups that said hello: the first, then restarts
 
     # -- the coordinator -------------------------------------------------------------
     def post(self, command: dict[str, Any], reads: dict[str, str], sources: dict[str, tuple[Any, Any, bool]]) -> int:
@@ -67,12 +68,17 @@ class Commands:
         is pending is an attempt at it (a group that fails before it begins the command has used
         one up). False: groups keep failing before any command, the session gives up."""
         self.group, self.splits = group, {}
+        self.groups_started += 1
         pending = self._pending()
         if pending is not None and self.commands[pending]["kind"] != "stop":
             self._attempt(pending, group)
             return True
         self.starts_without_command += 1
         return self.starts_without_command <= self.max_failures + 1
+
+    def restarted(self) -> bool:
+        """Whether the group now running is not the session's first."""
+        return self.groups_started > 1
 
     def next(self) -> tuple[int, dict[str, Any]] | None:
         """The first command not answered yet (every rank sees the same one)."""

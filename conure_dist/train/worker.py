@@ -155,7 +155,8 @@ def session_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         _log(f"session: {ray.train.get_context().get_world_size()} workers ready {started - config['session_started']:.1f}s "
              "after fit()", config.get("events"))
-        send(config.get("events"), {"kind": "workers_ready", "seconds": started - config["session_started"]})
+        if not ray.get(mailbox.restarted.remote()):  # a restarted group's time includes the failed one's
+            send(config.get("events"), {"kind": "workers_ready", "seconds": max(0.0, started - config["session_started"])})
     while True:
         seq, command = _next_command(mailbox)
         if command["kind"] == "stop":  # the last command, never answered: every rank sees it
