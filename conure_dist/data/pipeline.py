@@ -196,6 +196,10 @@ def split_dataset(info: DatasetInfo, task: str, split: str, *, seed: int, cache_
     return ds.materialize()
 
 
+# Rows per batch asked of Ray Data where batches are consecutive rows (see iter_torch_batches).
+RAY_BATCH_ROWS = 4096
+
+
 def iter_torch_batches(data_iterator, *, batch_size: int, seq_len: int, with_label: bool,
                        local_shuffle_buffer_size: int | None = None, local_shuffle_seed: int | None = None,
                        drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
@@ -217,10 +221,6 @@ def iter_torch_batches(data_iterator, *, batch_size: int, seq_len: int, with_lab
     per_fetch = max(1, RAY_BATCH_ROWS // batch_size)
     return _cut(data_iterator.iter_torch_batches(batch_size=batch_size * per_fetch, collate_fn=collate),
                 batch_size, drop_last)
-
-
-# Rows per batch asked of Ray Data where batches are consecutive rows (see iter_torch_batches).
-RAY_BATCH_ROWS = 4096
 
 
 def _cut(batches, batch_size: int, drop_last: bool) -> Iterator[dict[str, torch.Tensor]]:
@@ -304,16 +304,15 @@ class ExactlyOnceDataConfig(DataConfig):
         for name, ds in datasets.items():
             if name in to_split and name not in self._sizes:
                 raise ValueError(f"ExactlyOnceDataConfig: no SplitSize for split dataset {name!r}")
-            padded[name] = pad_to_multiple(ds, self._sizes[name], world_size) if name in to_split else ds
+            pad = padding_to_multiple(self._sizes[name], world_size) if name in to_split else None
+            padded[name] = ds if pad is None else ds.union(ray.data.from_arrow(pad))
         return super().configure(padded, world_size, worker_handles, worker_node_ids, **kwargs)
 
 
-def pad_to_multiple(dataset: ray.data.Dataset, size: SplitSize, world_size: int) -> ray.data.Dataset:
-    """``dataset`` with padding rows appended up to a multiple of ``world_size`` rows."""
+def padding_to_multiple(size: SplitSize, world_size: int) -> pa.Table | None:
+    """The padding rows that make a split of ``size`` a multiple of ``world_size`` rows (None: it is one)."""
     missing = (-size.rows) % world_size
-    if not missing:
-        return dataset
-    return dataset.union(ray.data.from_arrow(padding_table(size.schema, missing)))
+    return padding_table(size.schema, missing) if missing else None
 
 
 def split_in_memory(dataset: MaterializedDataset, size: SplitSize, world_size: int) -> list[MaterializedDataset]:
@@ -328,7 +327,7 @@ def split_in_memory(dataset: MaterializedDataset, size: SplitSize, world_size: i
     if rows != size.rows:  # split(equal=True) would drop the remainder of an uneven count
         raise ValueError(f"split has {rows} rows, but its dataset.json count is {size.rows}")
     blocks = dataset.to_arrow_refs()  # in the stored order, not copied
-    missing = (-rows) % world_size
-    if missing:  # the padding rows last (a union would slot them in after the first block)
-        blocks.append(ray.put(padding_table(size.schema, missing)))
+    pad = padding_to_multiple(size, world_size)
+    if pad is not None:  # the padding rows last (a union would slot them in after the first block)
+        blocks.append(ray.put(pad))
     return ray.data.from_arrow_refs(blocks).split(world_size, equal=True)

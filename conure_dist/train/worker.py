@@ -153,10 +153,10 @@ def session_worker(config: dict[str, Any]) -> None:
     if not _broadcast(ray.get(mailbox.hello.remote(group)) if rank == 0 else None):
         return  # groups keep failing before they reach a command: the driver reports it
     if rank == 0:
-        _log(f"session: {ray.train.get_context().get_world_size()} workers ready {started - config['session_started']:.1f}s "
-             "after fit()", config.get("events"))
+        ready = started - config["session_started"]
+        _log(f"session: {ray.train.get_context().get_world_size()} workers ready {ready:.1f}s after fit()", config.get("events"))
         if not ray.get(mailbox.restarted.remote()):  # a restarted group's time includes the failed one's
-            send(config.get("events"), {"kind": "workers_ready", "seconds": max(0.0, started - config["session_started"])})
+            send(config.get("events"), {"kind": "workers_ready", "seconds": max(0.0, ready)})
     while True:
         seq, command = _next_command(mailbox)
         if command["kind"] == "stop":  # the last command, never answered: every rank sees it
