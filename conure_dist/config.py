@@ -177,6 +177,11 @@ class ClusterConfig:
     # block boundaries, so the data order: a result setting. auto: "files" for a new run, and a
     # resumed run keeps the reader it was made with ("parquet" for runs made before the setting).
     reader: str = "auto"
+    # How each rank shuffles its train rows every epoch (conure_dist.data.pipeline.TRAIN_SHUFFLES):
+    # permute takes a rank's whole part of a split in the object store in a seeded permutation;
+    # buffer shuffles a streaming split through shuffle_buffer_rows. A result setting; auto:
+    # permute for a new run, and a resumed run keeps its own ("buffer" for runs made before it).
+    train_shuffle: str = "auto"
     # run: one Ray Train worker group (the session) runs every stage and evaluation of a driver;
     # stage: a new group for each (the cluster is free while the coordinator prunes and
     # evaluates in between, at the cost of starting workers every time). Results are the same.
@@ -196,6 +201,8 @@ class ClusterConfig:
         _require(self.cache_splits_below_bytes >= 0, "cluster.cache_splits_below_bytes", "must be >= 0")
         _require(self.reader in ("auto", "files", "parquet"), "cluster.reader",
                  f"one of auto, files, parquet; got {self.reader!r}")
+        _require(self.train_shuffle in ("auto", "permute", "buffer"), "cluster.train_shuffle",
+                 f"one of auto, permute, buffer; got {self.train_shuffle!r}")
         _require(self.worker_group in ("run", "stage"), "cluster.worker_group", f"run or stage; got {self.worker_group!r}")
 
     @property
@@ -254,8 +261,10 @@ class ExperimentConfig:
     method: str = "conure"
     seq_len: int = 100
     seed: int = 0
-    # Rows each worker shuffles per epoch, with a seed of (seed, task, stage, epoch, rank), on
-    # top of a per-stage order of the Parquet blocks; 0 turns the per-epoch shuffle off.
+    # Rows each worker shuffles at a time through a buffer (cluster.train_shuffle buffer, and
+    # splits too large for the object store), with a seed of (seed, task, stage, epoch, rank), on
+    # top of a per-stage order of the Parquet files; 0 turns the per-epoch shuffle off (also the
+    # permutation of cluster.train_shuffle permute).
     shuffle_buffer_rows: int = 100_000
     # Validation and test read at most this many rows of each split (the first ones, in the
     # stored order); 0 reads them all. For smoke tests at scale: such metrics are not the task's.

@@ -112,7 +112,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, preset: str) -> None:
     train.add_argument("--embed-dim", type=int, help=f"embedding width f{d(base.model.embed_dim)}")
     train.add_argument("--backbone", choices=list(BACKBONES), help=f"the shared network{d(base.model.backbone)}")
     train.add_argument("--seq-len", type=int, help=f"longest user sequence{d(base.seq_len)}")
-    train.add_argument("--shuffle-buffer", type=int, help=f"rows each worker shuffles per epoch, 0: stored order{d(base.shuffle_buffer_rows)}")
+    train.add_argument("--shuffle-buffer", type=int, help=f"rows each worker shuffles at a time through a buffer (see cluster.train_shuffle), 0: stored order{d(base.shuffle_buffer_rows)}")
     cluster = parser.add_argument_group("cluster")
     cluster.add_argument("--workers", type=int, help=f"Ray Train workers per stage{d(base.cluster.num_workers)}")
     cluster.add_argument("--gpus-per-worker", type=float, help="GPUs per worker; 0: train on CPUs (default: the config's)")

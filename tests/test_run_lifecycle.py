@@ -242,6 +242,39 @@ def test_a_new_run_reads_files_whole_and_a_resumed_run_keeps_the_reader_it_was_m
     assert open_run(exp, run_dir, new_run=True).exp.cluster.reader == "files"
 
 
+def test_a_new_run_permutes_train_parts_and_a_resumed_run_keeps_the_shuffle_it_was_made_with(dataset, tmp_path):
+    """cluster.train_shuffle auto: permute for a new run, which makes cache_splits_below_bytes part
+    of its data order (it decides which train splits are permuted whole); a run made before the
+    setting keeps buffer, and may still change cache_splits_below_bytes."""
+    from conure_dist.train.executor import RayExecutor
+
+    exp, run_dir = experiment(dataset), str(tmp_path / "run")
+    assert exp.cluster.train_shuffle == "auto"
+    first = open_run(exp, run_dir)
+    settings = first.manifest.data["settings"]
+    assert first.exp.cluster.train_shuffle == "permute" and settings["cluster.train_shuffle"] == "permute"
+    assert settings["cluster.cache_splits_below_bytes"] == exp.cluster.cache_splits_below_bytes
+    rundir = RunDir(run_dir)
+    assert RayExecutor(exp, rundir, first.manifest).exp.cluster.train_shuffle == "permute"
+    smaller = dataclasses.replace(exp, cluster=dataclasses.replace(exp.cluster, cache_splits_below_bytes=1000))
+    with pytest.raises(RunDirError, match=r"cluster\.cache_splits_below_bytes +268435456 +1000"):
+        open_run(smaller, run_dir)
+    manifest = rundir.read_json("manifest.json")  # a run made before the setting: streaming splits, a buffer
+    del manifest["settings"]["cluster.train_shuffle"], manifest["settings"]["cluster.cache_splits_below_bytes"]
+    rundir.write_json("manifest.json", manifest)
+    again = open_run(smaller, run_dir)  # the threshold is free again: it does not decide its data order
+    assert again.exp.cluster.train_shuffle == "buffer" and again.manifest.data["settings"]["cluster.train_shuffle"] == "buffer"
+    assert "cluster.cache_splits_below_bytes" not in again.manifest.data["settings"]
+    assert again.manifest.data["run_id"] == first.manifest.data["run_id"]
+    assert RayExecutor(exp, rundir, again.manifest).exp.cluster.train_shuffle == "buffer"
+    permute = dataclasses.replace(exp, cluster=dataclasses.replace(exp.cluster, train_shuffle="permute"))
+    with pytest.raises(RunDirError, match="made with cluster.train_shuffle buffer; got permute"):
+        RayExecutor(permute, rundir, again.manifest)
+    with pytest.raises(RunDirError, match=r"cluster\.train_shuffle +\"buffer\" +\"permute\""):
+        open_run(permute, run_dir)
+    assert open_run(exp, run_dir, new_run=True).exp.cluster.train_shuffle == "permute"
+
+
 def test_the_reports_of_an_unfinished_run_say_so_and_mark_the_missing_cells(dataset, tmp_path):
     from conure_dist.train.coordinator import run_experiment, write_reports
 

@@ -147,6 +147,51 @@ def test_evaluation_splits_in_the_object_store_are_cut_into_a_fixed_part_per_ran
     assert recut[0] is not parts[0] and [users(p) for p in recut] == [users(p) for p in parts]
 
 
+def test_a_train_part_in_the_object_store_is_taken_whole_in_a_new_seeded_order_every_epoch(ray_cluster):
+    """cluster.train_shuffle permute, real Ray Data: each rank takes every row of its part
+    (padding included) exactly once per epoch, in a permutation of (seed, epoch, rank): the same
+    one when the epoch is run again, another in the next epoch and on the other rank; with
+    shuffling off, the stored order; the batches are padded like the streaming path's."""
+    import pyarrow as pa
+    import ray.data
+    import torch
+
+    from conure_dist.data.pipeline import SplitSize, epoch_batches, iter_torch_batches, split_in_memory
+
+    rows = 1000
+    table = pa.table({"user": pa.array(range(rows), pa.int64()),
+                      "seq": pa.array([list(range(1, u % 7 + 2)) for u in range(rows)], pa.list_(pa.int64())),
+                      "label": pa.array([u % 5 for u in range(rows)], pa.int32())})
+    ds = ray.data.from_arrow([table.slice(0, 400), table.slice(400, 599), table.slice(999, 1)])
+    ds.context.execution_options.preserve_order = True
+    parts = split_in_memory(ds.materialize(), SplitSize(rows, table.schema), 3)  # 334 rows each, 2 padding
+
+    def epoch(rank, number, shuffle_rows=100_000, batch_size=32):
+        return list(epoch_batches(parts[rank], epoch=number, rank=rank, seed=11, shuffle_rows=shuffle_rows,
+                                  batch_size=batch_size, seq_len=4, with_label=True))
+
+    def users(batches):
+        return torch.cat([b["user"] for b in batches]).tolist()
+
+    first = [epoch(rank, 1) for rank in range(3)]
+    assert [len(b) for b in first] == [11, 11, 11] and [len(b["user"]) for b in first[0]] == [32] * 10 + [14]
+    stored = [[row["user"] for row in part.iter_rows()] for part in parts]
+    for rank in range(3):
+        assert sorted(users(first[rank])) == sorted(stored[rank])  # every row of the part once
+        assert users(first[rank]) != stored[rank]  # shuffled
+        assert users(epoch(rank, 1)) == users(first[rank])  # an epoch run again: the same batches
+        assert users(epoch(rank, 2)) != users(first[rank])  # the next epoch: another order
+        assert users(epoch(rank, 1, shuffle_rows=0)) == stored[rank]  # shuffling off: the stored order
+    assert sum(stored, []) == list(range(rows)) + [-1, -1]  # the parts: every row once, padding last
+    assert users(first[1])[:20] != [u + 334 for u in users(first[0])[:20]]  # ranks' orders are their own
+    # the same padded batches as the streaming path gives for the same rows in the same order
+    plain = list(iter_torch_batches(parts[2], batch_size=50, seq_len=4, with_label=True))
+    unshuffled = epoch(2, 1, shuffle_rows=0, batch_size=50)
+    assert len(plain) == len(unshuffled) == 7
+    for a, b in zip(plain, unshuffled):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == torch.int64 for k in a)
+
+
 def test_a_group_knows_whether_it_is_the_sessions_first():
     """Only the first group's start is the session's start (a restarted one's includes the failed one)."""
     box = Commands(world_size=2, max_failures=1)

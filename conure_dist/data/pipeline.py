@@ -234,19 +234,57 @@ def _cut(batches, batch_size: int, drop_last: bool) -> Iterator[dict[str, torch.
             yield {key: value[start:start + batch_size] for key, value in batch.items()}
 
 
-def epoch_batches(data_iterator, *, epoch: int, rank: int, seed: int, shuffle_rows: int, batch_size: int,
+# How each rank shuffles its train rows every epoch. A result setting (``cluster.train_shuffle``):
+# it decides the batches, so a run keeps the one it was made with.
+#   permute: a train split read into the object store (``cache_splits_below_bytes``) is cut into
+#            a fixed, contiguous part per rank (:func:`split_in_memory`), and each rank takes its
+#            whole part in a seeded permutation every epoch (the default; no streaming split's
+#            coordinator to start, and no buffer to fill); larger splits stream as under buffer;
+#   buffer:  every train split is a streaming split, shuffled through a buffer of
+#            ``shuffle_buffer_rows`` rows in each rank (runs made before permute).
+TRAIN_SHUFFLES = ("permute", "buffer")
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one rank's order in one epoch."""
+    return ((seed * 1_000_003 + epoch) * 1009 + rank) % 2**63
+
+
+def epoch_batches(shard, *, epoch: int, rank: int, seed: int, shuffle_rows: int, batch_size: int,
                   seq_len: int, with_label: bool) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of a worker's training shard, in an order of its own.
 
-    The shard arrives in a fixed order (:class:`ExactlyOnceDataConfig` preserves order) and is
-    shuffled through a buffer of ``shuffle_rows`` rows seeded from ``(seed, epoch, rank)``: every
-    epoch sees a new order, and an epoch that is run again (a resume) sees the same one.
+    The shard is either a fixed part in the object store (a ``MaterializedDataset``, see
+    :data:`TRAIN_SHUFFLES`: taken whole in a permutation) or a streaming split, which arrives in
+    a fixed order (:class:`ExactlyOnceDataConfig` preserves order) and is shuffled through a
+    buffer of ``shuffle_rows`` rows. Either is seeded from ``(seed, epoch, rank)``: every epoch
+    sees a new order, and an epoch that is run again (a resume) sees the same one.
     ``shuffle_rows=0`` reads the shard in its stored order.
     """
-    shuffle_seed = ((seed * 1_000_003 + epoch) * 1009 + rank) % 2**63
-    return iter_torch_batches(data_iterator, batch_size=batch_size, seq_len=seq_len, with_label=with_label,
+    if isinstance(shard, MaterializedDataset):
+        order = np.random.default_rng(epoch_seed(seed, epoch, rank)) if shuffle_rows else None
+        return permuted_batches(shard, order, batch_size=batch_size, seq_len=seq_len, with_label=with_label)
+    return iter_torch_batches(shard, batch_size=batch_size, seq_len=seq_len, with_label=with_label,
                               local_shuffle_buffer_size=shuffle_rows or None,
-                              local_shuffle_seed=shuffle_seed if shuffle_rows else None)
+                              local_shuffle_seed=epoch_seed(seed, epoch, rank) if shuffle_rows else None)
+
+
+def permuted_batches(part: MaterializedDataset, rng: np.random.Generator | None, *, batch_size: int, seq_len: int,
+                     with_label: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """A rank's whole part (:func:`split_in_memory`) in the order of ``rng.permutation`` (None:
+    the stored order), as padded batches of ``batch_size`` rows (the last one short). The part's
+    blocks are read from the object store without Ray Data's execution; rows are gathered and
+    padded :data:`RAY_BATCH_ROWS` at a time."""
+    blocks = [b for b in ray.get(part.to_arrow_refs()) if b.num_rows]
+    if not blocks:
+        return
+    table = pa.concat_tables(blocks)
+    rows = table.num_rows
+    order = rng.permutation(rows) if rng is not None else None
+    per_fetch = max(1, RAY_BATCH_ROWS // batch_size) * batch_size
+    for start in range(0, rows, per_fetch):
+        chunk = table.slice(start, per_fetch) if order is None else table.take(order[start:start + per_fetch])
+        yield from _cut([table_to_tensors(chunk, seq_len, with_label)], batch_size, drop_last=False)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from conure_dist.train.capacity import check_capacity
 from conure_dist.train.executor import RayExecutor, StageFailed  # noqa: F401  (re-exported)
 from conure_dist.train.lock import LOCK_FILE, RunLock
 from conure_dist.train.machine import RunState, StageMachine
-from conure_dist.train.manifest import (RESUME_FREE_CLUSTER, Manifest, dataset_digest, format_diff, recorded_reader,
+from conure_dist.train.manifest import (AUTO_SETTINGS, RESUME_FREE_CLUSTER, Manifest, dataset_digest, format_diff, recorded,
                                         result_settings, settings_diff, settings_fingerprint)
 from conure_dist.train.plan import Ledger, Step, get_method
 from conure_dist.train.runner import build_model, fresh_weights
@@ -54,7 +54,7 @@ def open_run(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False, add_
     """Create the run directory, or reopen it to resume; refuse one made with other settings
     or by the other engine (DeepSpeed workers and the in-process optimizer differ in numerics)."""
     rundir = RunDir(run_dir)
-    exp = _resolve_reader(exp, rundir, new_run)
+    exp = _resolve_auto(exp, rundir, new_run)
     names = [t.spec.name for t in exp.tasks]
     settings = _settings(exp)
     prunes = get_method(exp.method).masking
@@ -127,17 +127,21 @@ def open_run(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False, add_
     return Run(exp, rundir, manifest, state)
 
 
-def _resolve_reader(exp: ExperimentConfig, rundir: RunDir, new_run: bool) -> ExperimentConfig:
-    """``cluster.reader: auto``: the reader a resumed run was made with (``parquet`` for runs made
-    before the setting existed), ``files`` for a new run. The reader fixes the data order."""
-    if exp.cluster.reader != "auto":
+def _resolve_auto(exp: ExperimentConfig, rundir: RunDir, new_run: bool) -> ExperimentConfig:
+    """Data-order settings left ``auto`` (:data:`~conure_dist.train.manifest.AUTO_SETTINGS`:
+    ``cluster.reader``, ``cluster.train_shuffle``): what a resumed run was made with (for runs
+    made before a setting existed, the value it had then), the current default for a new run."""
+    auto = [key for key in AUTO_SETTINGS if getattr(exp.cluster, key) == "auto"]
+    if not auto:
         return exp
-    reader = "files"
+    values = {key: AUTO_SETTINGS[key] for key in auto}
     if not new_run and rundir.exists(MANIFEST):
-        reader = recorded_reader(_read_manifest(rundir)["settings"])
-        if reader != "files":
-            _log(f"cluster.reader auto: this run keeps the reader it was made with ({reader})")
-    return replace(exp, cluster=replace(exp.cluster, reader=reader))
+        settings = _read_manifest(rundir)["settings"]
+        for key in auto:
+            values[key] = recorded(settings, key)
+            if values[key] != AUTO_SETTINGS[key]:
+                _log(f"cluster.{key} auto: this run keeps the value it was made with ({values[key]})")
+    return replace(exp, cluster=replace(exp.cluster, **values))
 
 
 def _read_manifest(rundir: RunDir) -> dict[str, Any]:

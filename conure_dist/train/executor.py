@@ -54,17 +54,18 @@ class RayExecutor:
         the optimizer step at which rank 0 raises an exception / is killed by SIGKILL, once."""
         from conure_dist.data.format import load_dataset_info
 
-        from conure_dist.train.manifest import recorded_reader
+        from conure_dist.train.manifest import AUTO_SETTINGS, recorded
 
-        # The run's own reader, as open_run resolved and recorded it: it is part of the data order.
-        recorded = recorded_reader(manifest.data["settings"])
-        if exp.cluster.reader == "auto":
-            from dataclasses import replace
+        # The run's own data order, as open_run resolved and recorded it.
+        for key in AUTO_SETTINGS:
+            value = recorded(manifest.data["settings"], key)
+            if getattr(exp.cluster, key) == "auto":
+                from dataclasses import replace
 
-            exp = replace(exp, cluster=replace(exp.cluster, reader=recorded))
-        elif exp.cluster.reader != recorded:
-            raise RunDirError(f"{rundir.uri} was made with cluster.reader {recorded}; got {exp.cluster.reader} "
-                              "(the reader is part of the data order)")
+                exp = replace(exp, cluster=replace(exp.cluster, **{key: value}))
+            elif getattr(exp.cluster, key) != value:
+                raise RunDirError(f"{rundir.uri} was made with cluster.{key} {value}; got {getattr(exp.cluster, key)} "
+                                  f"(the {key.replace('_', ' ')} is part of the data order)")
         self.exp, self.rundir, self.manifest = exp, rundir, manifest
         self.run_id = manifest.data["run_id"]
         self.info = load_dataset_info(exp.dataset)
@@ -129,14 +130,15 @@ class RayExecutor:
 
     def _source(self, task: str, split: str) -> tuple[Any, Any, bool]:
         """What the mailbox splits for the workers: the dataset, its size, and whether each rank
-        reads a fixed part of it in the object store (evaluation splits read into it; a train
-        split keeps the streaming split, whose per-rank order its runs were made with)."""
+        reads a fixed part of it in the object store (splits read into it; a train split only
+        with ``cluster.train_shuffle: permute``, else the streaming split of the runs made
+        before)."""
         from ray.data.dataset import MaterializedDataset
 
         from conure_dist.data.pipeline import split_size
 
         dataset = self._dataset(task, split)
-        in_memory = split != "train" and isinstance(dataset, MaterializedDataset)
+        in_memory = isinstance(dataset, MaterializedDataset) and (split != "train" or self.exp.cluster.train_shuffle == "permute")
         return dataset, split_size(self.info, task, split, self._max_rows(split)), in_memory
 
     def _max_rows(self, split: str) -> int:

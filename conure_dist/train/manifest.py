@@ -48,6 +48,8 @@ def result_settings(exp: ExperimentConfig, digest: str) -> dict[str, Any]:
         if key not in RESUME_FREE_CLUSTER:
             _flatten(f"cluster.{key}", value, out)
     out["cluster.precision"] = exp.cluster.resolved_precision
+    if exp.cluster.train_shuffle == "permute":  # it decides which train splits are permuted whole
+        out["cluster.cache_splits_below_bytes"] = exp.cluster.cache_splits_below_bytes
     for task in data["tasks"]:
         _flatten(f"tasks.{task['spec']['name']}", task, out)
     return out
@@ -55,13 +57,18 @@ def result_settings(exp: ExperimentConfig, digest: str) -> dict[str, Any]:
 
 # Settings added after runs were first written, with the value an older run had in effect: a
 # manifest without them resumes when the new value is that one.
-ADDED_SETTINGS = {"max_eval_rows": 0, "tasks.*.train.max_steps": 0, "cluster.reader": "parquet"}
+ADDED_SETTINGS = {"max_eval_rows": 0, "tasks.*.train.max_steps": 0, "cluster.reader": "parquet",
+                  "cluster.train_shuffle": "buffer"}
+
+# Cluster settings of the data order whose ``auto`` is this value for a new run, while a resumed
+# run keeps the value it was made with (see :func:`recorded`).
+AUTO_SETTINGS = {"reader": "files", "train_shuffle": "permute"}
 
 
-def recorded_reader(settings: Mapping[str, Any]) -> str:
-    """The Parquet reader a run was made with (``cluster.reader``; runs made before the setting:
-    the value it had then)."""
-    return settings.get("cluster.reader", ADDED_SETTINGS["cluster.reader"])
+def recorded(settings: Mapping[str, Any], key: str) -> str:
+    """The value of ``cluster.<key>`` (one of :data:`AUTO_SETTINGS`) a run was made with (runs
+    made before the setting: the value it had then)."""
+    return settings.get(f"cluster.{key}", ADDED_SETTINGS[f"cluster.{key}"])
 
 
 def _added_default(key: str) -> Any:
