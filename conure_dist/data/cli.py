@@ -119,8 +119,8 @@ def _converter(args: argparse.Namespace):
         return lambda: prepare_movielens(args.raw, args.out, options)
     from conure_dist.data.synthetic import prepare_synthetic, resolve_config
 
-    config = resolve_config(args.preset, num_users=args.num_users, num_items=args.num_items,
-                            seq_len=args.seq_len, rows_per_shard=args.rows_per_shard)
-    if args.seq_len is not None and config.min_seq_len > config.seq_len:
-        config = resolve_config(config, min_seq_len=config.seq_len)
+    preset = resolve_config(args.preset)
+    min_seq_len = None if args.seq_len is None else min(preset.min_seq_len, args.seq_len)  # a shorter --seq-len shortens all
+    config = resolve_config(preset, num_users=args.num_users, num_items=args.num_items, seq_len=args.seq_len,
+                            min_seq_len=min_seq_len, rows_per_shard=args.rows_per_shard)
     return lambda: (prepare_synthetic(config, args.out, args.seed, overwrite=args.overwrite), {"preset": args.preset})
