@@ -327,6 +327,13 @@ def prepared_dataset(rc) -> str:
               "seed": rc.seed if kind == "synthetic" else 0, "skip_bad": bool(rc.source.skip_bad),
               "allow_new_users": bool(rc.source.allow_new_users)}
     record = storage.join(dataset, SOURCE_RECORD)
+    preset = None
+    if kind == "synthetic":
+        from dataclasses import asdict
+
+        from conure_dist.data.synthetic import resolve_config
+
+        preset = json.loads(json.dumps(asdict(resolve_config(rc.source.preset))))  # as stored: lists, not tuples
     if storage.exists(storage.join(dataset, METADATA_FILE)):
         if storage.exists(record):  # datasets prepared before the record was kept have none
             had = json.loads(storage.read_bytes(record))
@@ -338,6 +345,14 @@ def prepared_dataset(rc) -> str:
                     + ", ".join(f"source.{k} {o!r} -> {n!r}" for k, (o, n) in changed.items())
                     + f"; give the same ones, another --run-dir, --data for a dataset prepared elsewhere, or "
                     f"delete {dataset} to prepare it again")
+            if preset is not None and had.get("preset_parameters") != preset:
+                # Kept (the runs there were made on it), but not silently: the preset has changed.
+                older = had.get("preset_parameters")
+                what = ("by a version that did not record the preset's parameters" if older is None else
+                        "with other parameters: " + ", ".join(f"{k} {older.get(k)!r} -> {v!r}" for k, v in preset.items()
+                                                               if older.get(k) != v))
+                print(f"note: {dataset} was prepared from the synthetic preset {rc.source.preset!r} {what}; it is kept "
+                      f"(runs made on it stay comparable); delete it, or use another --run-dir, to prepare the current one")
         return dataset
     # No dataset.json: nothing was published there, so whatever is left is a failed attempt.
     if kind == "synthetic":
@@ -356,7 +371,7 @@ def prepared_dataset(rc) -> str:
         _, report = prepare_movielens(rc.source.raw, dataset, MovieLensOptions(overwrite=True, skip_bad=rc.source.skip_bad))
     if report.get("skipped", "skipped rows: none") != "skipped rows: none":
         print(f"prepared {dataset} from {rc.source.raw}, {report['skipped']}")
-    storage.write_bytes(record, json.dumps(wanted, indent=1).encode())
+    storage.write_bytes(record, json.dumps({**wanted, "preset_parameters": preset} if preset else wanted, indent=1).encode())
     return dataset
 
 

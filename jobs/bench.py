@@ -18,8 +18,9 @@ table (646K x 256): an exact copy compared bit for bit, against per-chunk checks
     python jobs/bench.py guard --device cuda --dtype bf16
 
 ``batch-mix``: how mixed a training batch is: distinct users per batch of one task's train
-split, read the way stage workers read it (seeded file order, exactly-once split, per-epoch
-shuffle buffer), against the stored order (no per-epoch shuffle).
+split, read the way stage workers read a streaming split (seeded file order, exactly-once
+split, per-epoch shuffle buffer: ``cluster.train_shuffle: buffer``, and splits too large for
+the object store), against the stored order (no per-epoch shuffle).
 
     python jobs/bench.py batch-mix --data runs/ml100k/data --task rated_4_5 --batch-size 512
 

@@ -63,6 +63,26 @@ def test_a_changed_raw_directory_on_rerun_is_refused_not_silently_reused(tmp_pat
     assert run(ttl_job, ["--raw-ttl", raw, "--run-dir", run_dir, "--dry-run"], capsys)[0] == 0
 
 
+def test_demo_data_prepared_from_other_preset_parameters_is_kept_with_a_note(tmp_path, capsys):
+    """A synthetic preset may change between versions: its data in RUN_DIR/data is kept (runs
+    there were made on it) and the rerun says so, naming what changed."""
+    run_dir = str(tmp_path / "run")
+    code, out, _ = run(ttl_job, ["--demo", "--run-dir", run_dir, "--dry-run"], capsys)
+    assert code == 0 and "note:" not in out
+    path = tmp_path / "run" / "data" / "prepared-from.json"
+    record = json.loads(path.read_text())
+    assert record["preset_parameters"]["min_seq_len"] == 20
+    assert run(ttl_job, ["--demo", "--run-dir", run_dir, "--dry-run"], capsys)[1].count("note:") == 0
+    record["preset_parameters"]["min_seq_len"] = 5  # as the demo preset had it before
+    path.write_text(json.dumps(record))
+    code, out, _ = run(ttl_job, ["--demo", "--run-dir", run_dir, "--dry-run"], capsys)
+    assert code == 0 and "with other parameters: min_seq_len 5 -> 20; it is kept" in out
+    del record["preset_parameters"]  # prepared before the parameters were recorded
+    path.write_text(json.dumps(record))
+    code, out, _ = run(ttl_job, ["--demo", "--run-dir", run_dir, "--dry-run"], capsys)
+    assert code == 0 and "by a version that did not record the preset's parameters" in out
+
+
 def test_undecodable_bytes_through_the_job(tmp_path, capsys):
     raw = write_ttl(tmp_path / "raw")
     with open(os.path.join(raw, DEFAULT_TASKS[3].file), "ab") as f:

@@ -148,7 +148,8 @@ def test_ray_equal_split_drops_the_remainder_and_the_dataset_path_matches_pyarro
 
 def _fit_epoch_orders(info, task, workers, epochs, seed):
     """Users in the order each rank's training batches deliver them, per listed epoch, through
-    the stage workers' own dataset and epoch order (split_dataset, epoch_batches)."""
+    the stage workers' own dataset and epoch order of a streaming split (split_dataset,
+    epoch_batches; cluster.train_shuffle buffer)."""
     import json
 
     import ray.train

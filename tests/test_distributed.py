@@ -178,11 +178,13 @@ def test_killed_driver_resumes_without_repeating_completed_stages_then_a_task_is
                                       if x["after_task"] == r["task"] and x["task"] == r["task"] and x["metric"] == r["metric"])
 
 
-@pytest.mark.parametrize("train_shuffle", ["permute", "buffer"])
-def test_a_stage_resumed_inside_an_epoch_equals_the_uninterrupted_stage(dataset, ray_cluster, tmp_path, train_shuffle):
-    """One worker; a failure between two mid-epoch checkpoints; Ray Train restarts the worker,
-    which skips the batches already consumed: the stage's weights equal an uninterrupted run's
-    (with the part permuted whole, and with a streaming split through a shuffle buffer)."""
+@pytest.mark.parametrize("train_shuffle,workers", [("permute", 2), ("buffer", 1)])
+def test_a_stage_resumed_inside_an_epoch_equals_the_uninterrupted_stage(dataset, ray_cluster, tmp_path, train_shuffle,
+                                                                         workers):
+    """A failure between two mid-epoch checkpoints; Ray Train restarts the workers, which skip
+    the batches already consumed: the stage's weights equal an uninterrupted run's. Each rank's
+    part permuted whole (two workers, 325 rows in three files: a padding row, parts cut across
+    blocks), and one worker's streaming split through a shuffle buffer."""
     import dataclasses
 
     from conure_dist.model import Stage
@@ -192,7 +194,7 @@ def test_a_stage_resumed_inside_an_epoch_equals_the_uninterrupted_stage(dataset,
     exp = experiment(dataset, tasks=("pretrain",))
     train = dataclasses.replace(exp.tasks[0].train, batch_size=32, epochs=1, optimizer="adam", weight_decay=0.0)
     exp = dataclasses.replace(exp, tasks=(dataclasses.replace(exp.tasks[0], train=train),),
-                              cluster=dataclasses.replace(exp.cluster, num_workers=1, checkpoint_every_steps=2,
+                              cluster=dataclasses.replace(exp.cluster, num_workers=workers, checkpoint_every_steps=2,
                                                           train_shuffle=train_shuffle))
     results = {}
     for name, fail in (("whole", None), ("resumed", {"pretrain-train": 7})):

@@ -259,6 +259,10 @@ def test_a_new_run_permutes_train_parts_and_a_resumed_run_keeps_the_shuffle_it_w
     smaller = dataclasses.replace(exp, cluster=dataclasses.replace(exp.cluster, cache_splits_below_bytes=1000))
     with pytest.raises(RunDirError, match=r"cluster\.cache_splits_below_bytes +268435456 +1000"):
         open_run(smaller, run_dir)
+    with pytest.raises(RunDirError, match="made with cluster.cache_splits_below_bytes 268435456; got 1000"):
+        RayExecutor(smaller, rundir, first.manifest)
+    # the in-process engine reads no Ray Data splits: the threshold changes nothing there
+    assert "cluster.cache_splits_below_bytes" not in open_run(exp, str(tmp_path / "local"), engine="in-process").manifest.data["settings"]
     manifest = rundir.read_json("manifest.json")  # a run made before the setting: streaming splits, a buffer
     del manifest["settings"]["cluster.train_shuffle"], manifest["settings"]["cluster.cache_splits_below_bytes"]
     rundir.write_json("manifest.json", manifest)

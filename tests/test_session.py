@@ -190,6 +190,12 @@ def test_a_train_part_in_the_object_store_is_taken_whole_in_a_new_seeded_order_e
     assert len(plain) == len(unshuffled) == 7
     for a, b in zip(plain, unshuffled):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == torch.int64 for k in a)
+    # one row for three ranks: each still takes one batch (two of them a padding row)
+    one = ray.data.from_arrow(table.slice(0, 1)).materialize()
+    single = split_in_memory(one, SplitSize(1, table.schema), 3)
+    got = [users(list(epoch_batches(part, epoch=1, rank=r, seed=11, shuffle_rows=100_000, batch_size=32, seq_len=4,
+                                    with_label=True))) for r, part in enumerate(single)]
+    assert got == [[0], [-1], [-1]]
 
 
 def test_a_group_knows_whether_it_is_the_sessions_first():

@@ -131,9 +131,10 @@ def load_split_batches(info: DatasetInfo, task: str, split: str, batch_size: int
 # --- Ray Data -----------------------------------------------------------------------------
 
 
-# How stage workers read a split's Parquet files. The reader decides the file order and the
-# block boundaries, which the per-worker shuffle buffer's output depends on, so it is a result
-# setting (``cluster.reader``): a run keeps the reader it was made with.
+# How stage workers read a split's Parquet files. The reader decides the file order (so which
+# rows each rank's part holds, see TRAIN_SHUFFLES) and the block boundaries, which the
+# per-worker shuffle buffer's output depends on, so it is a result setting (``cluster.reader``):
+# a run keeps the reader it was made with.
 #   files:   each file read whole by ``pyarrow.parquet.read_table`` in a Ray task (one block per
 #            file; Ray Data slices a file larger than its target block size, 128 MiB by default),
 #            files in a seeded numpy permutation (the default; several times faster to consume);
@@ -278,7 +279,7 @@ def permuted_batches(part: MaterializedDataset, rng: np.random.Generator | None,
     blocks = [b for b in ray.get(part.to_arrow_refs()) if b.num_rows]
     if not blocks:
         return
-    table = pa.concat_tables(blocks)
+    table = pa.concat_tables(blocks).combine_chunks()  # one copy: take() over a chunked list column joins it each time
     rows = table.num_rows
     order = rng.permutation(rows) if rng is not None else None
     per_fetch = max(1, RAY_BATCH_ROWS // batch_size) * batch_size

@@ -43,10 +43,10 @@ class Run:
     floors: dict | None = None  # task -> (main metric, popularity / majority floor on test)
 
 
-def _settings(exp: ExperimentConfig) -> dict[str, Any]:
+def _settings(exp: ExperimentConfig, engine: str) -> dict[str, Any]:
     from conure_dist.data.format import load_dataset_info
 
-    return result_settings(exp, dataset_digest(load_dataset_info(exp.dataset).to_json()))
+    return result_settings(exp, dataset_digest(load_dataset_info(exp.dataset).to_json()), engine)
 
 
 def open_run(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False, add_task: bool = False,
@@ -56,7 +56,7 @@ def open_run(exp: ExperimentConfig, run_dir: str, *, new_run: bool = False, add_
     rundir = RunDir(run_dir)
     exp = _resolve_auto(exp, rundir, new_run)
     names = [t.spec.name for t in exp.tasks]
-    settings = _settings(exp)
+    settings = _settings(exp, engine)
     prunes = get_method(exp.method).masking
     if prunes and (new_run or not rundir.exists(MANIFEST)):
         check_capacity(exp)  # before anything is moved or written

@@ -66,6 +66,10 @@ class RayExecutor:
             elif getattr(exp.cluster, key) != value:
                 raise RunDirError(f"{rundir.uri} was made with cluster.{key} {value}; got {getattr(exp.cluster, key)} "
                                   f"(the {key.replace('_', ' ')} is part of the data order)")
+        cache = manifest.data["settings"].get("cluster.cache_splits_below_bytes")
+        if cache is not None and cache != exp.cluster.cache_splits_below_bytes:
+            raise RunDirError(f"{rundir.uri} was made with cluster.cache_splits_below_bytes {cache}; got "
+                              f"{exp.cluster.cache_splits_below_bytes} (under train_shuffle permute it is part of the data order)")
         self.exp, self.rundir, self.manifest = exp, rundir, manifest
         self.run_id = manifest.data["run_id"]
         self.info = load_dataset_info(exp.dataset)

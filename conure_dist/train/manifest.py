@@ -19,7 +19,9 @@ from conure_dist.train.rundir import MANIFEST, RunDir, now
 
 # Cluster settings that may change when a run is resumed. An interrupted stage that resumes
 # with another number of workers starts that stage over (each rank's data order and optimizer
-# shards belong to the world size they were made with); completed stages are kept.
+# shards belong to the world size they were made with); completed stages are kept. Under
+# cluster.train_shuffle permute, cache_splits_below_bytes is a result setting all the same
+# (see result_settings).
 RESUME_FREE_CLUSTER = ("num_workers", "gpus_per_worker", "cpus_per_worker", "memory_per_worker", "max_failures",
                        "checkpoint_every_steps", "log_every_steps", "cache_splits_below_bytes", "worker_group")
 
@@ -37,8 +39,9 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
         out[prefix] = json.loads(json.dumps(value))  # tuples -> lists, as stored in JSON
 
 
-def result_settings(exp: ExperimentConfig, digest: str) -> dict[str, Any]:
-    """Every setting that changes a run's results, as ``dotted.name -> value``."""
+def result_settings(exp: ExperimentConfig, digest: str, engine: str = "ray") -> dict[str, Any]:
+    """Every setting that changes a run's results, as ``dotted.name -> value`` (``engine``: the
+    one that runs it, ``ray`` or ``in-process``, which reads no Ray Data splits)."""
     data = exp.to_dict()
     out: dict[str, Any] = {"dataset.content": digest}
     for key, value in data.items():
@@ -48,7 +51,7 @@ def result_settings(exp: ExperimentConfig, digest: str) -> dict[str, Any]:
         if key not in RESUME_FREE_CLUSTER:
             _flatten(f"cluster.{key}", value, out)
     out["cluster.precision"] = exp.cluster.resolved_precision
-    if exp.cluster.train_shuffle == "permute":  # it decides which train splits are permuted whole
+    if exp.cluster.train_shuffle == "permute" and engine == "ray":  # it decides which train splits are permuted whole
         out["cluster.cache_splits_below_bytes"] = exp.cluster.cache_splits_below_bytes
     for task in data["tasks"]:
         _flatten(f"tasks.{task['spec']['name']}", task, out)

@@ -8,8 +8,9 @@ coordinator still computes the merges and prune masks and writes the run directo
 commands; the workers wait for the next command meanwhile. The mailbox keeps each split's
 iterators (Ray Data's streaming split, one per rank) for the commands that read it again: a
 retrain stage reads its train stage's splits, and every commit the earlier tasks' test splits.
-Evaluation splits small enough to be read once into the object store are instead cut into a
-fixed part per rank: no streaming split's coordinator process to start for each of them.
+Splits small enough to be read once into the object store are instead cut into a fixed part
+per rank (train splits only under ``cluster.train_shuffle: permute``, the default for new
+runs): no streaming split's coordinator process to start for each of them.
 
 Failures are counted per command: a worker that fails (or a node that is lost: preemptions
 count too, unlike Ray Train's own count) makes Ray Train restart the group, the new group asks
