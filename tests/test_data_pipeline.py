@@ -208,11 +208,38 @@ def test_max_rows_keeps_the_first_rows_of_an_evaluation_split_in_both_engines(in
     local = [int(u) for b in batches for u in b["user"]]
     ds = split_dataset(info, task, "test", seed=0, cache_below_bytes=0, reader="files", max_rows=limit)
     assert [int(r["user"]) for r in ds.iter_rows()] == local == read_split_table(info, task, "test")["user"].to_pylist()[:limit]
+    here = split_dataset(info, task, "test", seed=0, cache_below_bytes=0, reader="files", max_rows=limit, parts=True)
+    assert [int(r["user"]) for r in here.iter_rows()] == local  # read in this process: the same rows
     assert pq.ParquetFile(info.split_files(task, "test")[0]).metadata.num_rows < limit
     assert split_size(info, task, "test", limit).rows == limit
     assert split_size(info, task, "test").rows == info.task(task).counts["test"] > limit
     with pytest.raises(ValueError, match="evaluation splits only"):
         split_dataset(info, task, "train", seed=0, cache_below_bytes=0, reader="files", max_rows=limit)
+
+
+def test_a_split_cut_into_parts_is_read_in_this_process_with_the_rows_of_the_ray_read(info, ray_session):
+    """``parts``: a split in the object store that is cut into per-rank parts is read by the
+    driver itself, with the same rows in the same order as the files reader's Ray Data read
+    (train: the seeded file order); a split over the threshold still streams, and the parquet
+    reader keeps Ray Data's read."""
+    from ray.data.dataset import MaterializedDataset
+
+    from conure_dist.data.pipeline import split_dataset
+
+    def users(ds):
+        return [int(r["user"]) for r in ds.iter_rows()]
+
+    for split, seed in (("train", 5), ("train", 6), ("validation", 5)):
+        assert len(info.split_files("click", split)) > 1 or split == "validation"
+        kwargs = dict(seed=seed, cache_below_bytes=2**30, reader="files")
+        here, ray_read = split_dataset(info, "click", split, parts=True, **kwargs), split_dataset(info, "click", split, **kwargs)
+        assert isinstance(here, MaterializedDataset) and users(here) == users(ray_read)
+        assert here.num_blocks() == len(info.split_files("click", split))  # a table per file
+    assert not isinstance(split_dataset(info, "click", "train", seed=5, cache_below_bytes=0, reader="files", parts=True),
+                          MaterializedDataset)
+    parquet = split_dataset(info, "click", "train", seed=5, cache_below_bytes=2**30, reader="parquet", parts=True)
+    assert isinstance(parquet, MaterializedDataset) and sorted(users(parquet)) == sorted(
+        users(split_dataset(info, "click", "train", seed=5, cache_below_bytes=2**30, reader="files", parts=True)))
 
 
 def test_the_files_reader_reads_each_file_whole_in_a_seeded_order(info, ray_session):

@@ -167,28 +167,52 @@ def read_files(files: Sequence[str], shuffle_files_seed: int | None = None, read
     if reader != "files":
         hint = " (cluster.reader auto is resolved when the run is opened)" if reader == "auto" else ""
         raise ValueError(f"unknown reader {reader!r}; one of {', '.join(READERS)}{hint}")
-    if shuffle_files_seed is not None:
-        order = np.random.default_rng(shuffle_files_seed).permutation(len(files))
-        files = [files[i] for i in order]
-    paths = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+    paths = ray.data.from_items([{"path": f} for f in _file_order(files, shuffle_files_seed)], override_num_blocks=len(files))
     return paths.map_batches(_read_file, batch_size=1, batch_format="pyarrow")
 
 
+def _file_order(files: Sequence[str], seed: int | None) -> list[str]:
+    """The ``files`` reader's order: as listed, or a numpy permutation seeded by ``seed``."""
+    files = list(files)
+    if seed is None:
+        return files
+    return [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
+
+
 def split_dataset(info: DatasetInfo, task: str, split: str, *, seed: int, cache_below_bytes: int, reader: str,
-                  max_rows: int = 0) -> ray.data.Dataset:
+                  max_rows: int = 0, parts: bool = False) -> ray.data.Dataset:
     """The Ray Dataset a stage reads: train splits with their files in a seeded order (rows are
     shuffled again every epoch in each worker, see :func:`epoch_batches`); splits smaller than
     ``cache_below_bytes`` (uncompressed) read once into the object store, since Ray Data's
     per-epoch start-up dominates small splits. ``max_rows`` keeps the first rows of the split
-    in file order (the rows :func:`load_split_batches` keeps), read once into the object store."""
-    ds = read_split(info, task, split, shuffle_files_seed=seed if split == "train" else None, reader=reader)
+    in file order (the rows :func:`load_split_batches` keeps), read once into the object store.
+
+    ``parts``: the split will be cut into per-rank parts (:func:`split_in_memory`), which depend
+    only on the order of its rows. With the ``files`` reader such a split is then read here, in
+    this process, a table per file in the reader's order: the same rows in the same order as
+    the reader's Ray tasks give, without starting a Ray Data execution (its read tasks' worker
+    processes: seconds, on a small machine, for a split of a few thousand rows). A streaming
+    split's output also depends on the block boundaries, so it keeps the Ray Data read.
+    """
+    if max_rows and split == "train":
+        raise ValueError("max_rows limits evaluation splits only")
+    files = info.split_files(task, split)
+    footers = [pq.read_metadata(f) for f in files]
+    size = sum(m.row_group(i).total_byte_size for m in footers for i in range(m.num_row_groups))
+    order_seed = seed if split == "train" else None
+    if parts and reader == "files" and (max_rows or size < cache_below_bytes):
+        tables, rows = [], 0
+        for path in _file_order(files, order_seed):
+            if max_rows and rows >= max_rows:
+                break
+            table = pq.read_table(path)
+            tables.append(table.slice(0, max_rows - rows) if max_rows else table)
+            rows += tables[-1].num_rows
+        return ray.data.from_arrow(tables)
+    ds = read_split(info, task, split, shuffle_files_seed=order_seed, reader=reader)
     if max_rows:
-        if split == "train":
-            raise ValueError("max_rows limits evaluation splits only")
         ds.context.execution_options.preserve_order = True
         return ds.limit(max_rows).materialize()
-    footers = [pq.read_metadata(f) for f in info.split_files(task, split)]
-    size = sum(m.row_group(i).total_byte_size for m in footers for i in range(m.num_row_groups))
     if size >= cache_below_bytes:
         return ds
     # Blocks kept in the read order, so each rank's rows do not depend on which read finished

@@ -38,19 +38,26 @@ def prune_ratios(spec: TaskSpec, names: Sequence[str]) -> dict[str, float]:
     return ratios
 
 
+SMALL_TABLE_ELEMENTS = 4_000_000  # item tables up to this size are built for real by prunable_shapes (16 MB each)
+
+
 def prunable_shapes(exp: ExperimentConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes of the run's prunable tensors, from a model built on the meta device (no memory,
-    no random draws: a TTL-size embedding table costs nothing here)."""
+    """Shapes of the run's prunable tensors, from a model built on the meta device (no memory:
+    a TTL-size embedding table costs nothing here), or on the CPU when its item tables are small
+    (the meta device's first use costs about 2 s of initialisation); never drawing from the
+    caller's random generator."""
     from conure_dist.model import ConureModel
     from conure_dist.train.plan import get_method
     from conure_dist.train.runner import method_model_config
 
     method = get_method(exp.method)
     specs = [t.spec for t in exp.tasks]
-    with torch.device("meta"):
+    small = exp.model.num_items * exp.model.embed_dim <= SMALL_TABLE_ELEMENTS
+    with torch.random.fork_rng(devices=[]), torch.device("cpu" if small else "meta"):
         model = ConureModel(method_model_config(exp.model, method), specs,
                             patched=[t.name for t in specs[1:]] if method.patched else ())
     return model.prunable_shapes()
+
 
 
 @dataclass(frozen=True)

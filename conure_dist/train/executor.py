@@ -127,9 +127,10 @@ class RayExecutor:
 
         key = (task, split)
         if key not in self._datasets:
+            parts = split != "train" or self.exp.cluster.train_shuffle == "permute"  # if in the object store
             self._datasets[key] = split_dataset(self.info, task, split, seed=self.exp.seed,
                                                 cache_below_bytes=self.exp.cluster.cache_splits_below_bytes,
-                                                max_rows=self._max_rows(split), reader=self.exp.cluster.reader)
+                                                max_rows=self._max_rows(split), reader=self.exp.cluster.reader, parts=parts)
         return self._datasets[key]
 
     def _source(self, task: str, split: str) -> tuple[Any, Any, bool]:
