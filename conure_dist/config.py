@@ -171,7 +171,8 @@ class ClusterConfig:
     checkpoint_every_steps: int = 0  # 0: at each epoch end only
     log_every_steps: int = 50
     # Splits smaller than this (uncompressed) are read once into Ray's object store and reused
-    # by every epoch and stage; larger ones stream from Parquet each epoch.
+    # by every epoch and stage (those cut into per-rank parts are read by the driver, which
+    # holds each while putting it there); larger ones stream from Parquet each epoch.
     cache_splits_below_bytes: int = 256 * 2**20
     # How workers read Parquet (conure_dist.data.pipeline.READERS). It fixes the file order and
     # block boundaries, so the data order: a result setting. auto: "files" for a new run, and a

@@ -230,16 +230,24 @@ def test_a_new_run_reads_files_whole_and_a_resumed_run_keeps_the_reader_it_was_m
     from conure_dist.train.executor import RayExecutor
 
     assert RayExecutor(exp, rundir, Manifest(rundir, manifest)).exp.cluster.reader == "parquet"  # from the manifest
+    keeps_its_own(exp, run_dir, first, "reader", "parquet", "files")
+
+
+def keeps_its_own(exp, run_dir, first, key, kept, other):
+    """The run in ``run_dir`` (opened first as ``first``) resumes with ``cluster.<key>`` ``kept``
+    under auto, refuses ``other`` (open_run and the executor), and a new run takes ``other``."""
+    from conure_dist.train.executor import RayExecutor
+
     again = open_run(exp, run_dir)
-    assert again.exp.cluster.reader == "parquet" and again.manifest.data["settings"]["cluster.reader"] == "parquet"
+    assert getattr(again.exp.cluster, key) == kept and again.manifest.data["settings"][f"cluster.{key}"] == kept
     assert again.manifest.data["run_id"] == first.manifest.data["run_id"]
-    assert RayExecutor(exp, rundir, again.manifest).exp.cluster.reader == "parquet"
-    files = dataclasses.replace(exp, cluster=dataclasses.replace(exp.cluster, reader="files"))
-    with pytest.raises(RunDirError, match="made with cluster.reader parquet; got files"):
-        RayExecutor(files, rundir, again.manifest)
-    with pytest.raises(RunDirError, match=r"cluster\.reader +\"parquet\" +\"files\""):
-        open_run(files, run_dir)
-    assert open_run(exp, run_dir, new_run=True).exp.cluster.reader == "files"
+    assert getattr(RayExecutor(exp, RunDir(run_dir), again.manifest).exp.cluster, key) == kept
+    named = dataclasses.replace(exp, cluster=dataclasses.replace(exp.cluster, **{key: other}))
+    with pytest.raises(RunDirError, match=f"made with cluster.{key} {kept}; got {other}"):
+        RayExecutor(named, RunDir(run_dir), again.manifest)
+    with pytest.raises(RunDirError, match=rf"cluster\.{key} +\"{kept}\" +\"{other}\""):
+        open_run(named, run_dir)
+    assert getattr(open_run(exp, run_dir, new_run=True).exp.cluster, key) == other
 
 
 def test_a_new_run_permutes_train_parts_and_a_resumed_run_keeps_the_shuffle_it_was_made_with(dataset, tmp_path):
@@ -267,16 +275,8 @@ def test_a_new_run_permutes_train_parts_and_a_resumed_run_keeps_the_shuffle_it_w
     del manifest["settings"]["cluster.train_shuffle"], manifest["settings"]["cluster.cache_splits_below_bytes"]
     rundir.write_json("manifest.json", manifest)
     again = open_run(smaller, run_dir)  # the threshold is free again: it does not decide its data order
-    assert again.exp.cluster.train_shuffle == "buffer" and again.manifest.data["settings"]["cluster.train_shuffle"] == "buffer"
-    assert "cluster.cache_splits_below_bytes" not in again.manifest.data["settings"]
-    assert again.manifest.data["run_id"] == first.manifest.data["run_id"]
-    assert RayExecutor(exp, rundir, again.manifest).exp.cluster.train_shuffle == "buffer"
-    permute = dataclasses.replace(exp, cluster=dataclasses.replace(exp.cluster, train_shuffle="permute"))
-    with pytest.raises(RunDirError, match="made with cluster.train_shuffle buffer; got permute"):
-        RayExecutor(permute, rundir, again.manifest)
-    with pytest.raises(RunDirError, match=r"cluster\.train_shuffle +\"buffer\" +\"permute\""):
-        open_run(permute, run_dir)
-    assert open_run(exp, run_dir, new_run=True).exp.cluster.train_shuffle == "permute"
+    assert again.exp.cluster.train_shuffle == "buffer" and "cluster.cache_splits_below_bytes" not in again.manifest.data["settings"]
+    keeps_its_own(exp, run_dir, first, "train_shuffle", "buffer", "permute")
 
 
 def test_the_reports_of_an_unfinished_run_say_so_and_mark_the_missing_cells(dataset, tmp_path):

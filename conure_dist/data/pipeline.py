@@ -131,7 +131,8 @@ def load_split_batches(info: DatasetInfo, task: str, split: str, batch_size: int
 # --- Ray Data -----------------------------------------------------------------------------
 
 
-# How stage workers read a split's Parquet files. The reader decides the file order (so which
+# How stage workers read a split's Parquet files (a split cut into per-rank parts is read by
+# the driver instead, in the same order: see split_dataset). The reader decides the file order (so which
 # rows each rank's part holds, see TRAIN_SHUFFLES) and the block boundaries, which the
 # per-worker shuffle buffer's output depends on, so it is a result setting (``cluster.reader``):
 # a run keeps the reader it was made with.
@@ -189,10 +190,12 @@ def split_dataset(info: DatasetInfo, task: str, split: str, *, seed: int, cache_
 
     ``parts``: the split will be cut into per-rank parts (:func:`split_in_memory`), which depend
     only on the order of its rows. With the ``files`` reader such a split is then read here, in
-    this process, a table per file in the reader's order: the same rows in the same order as
-    the reader's Ray tasks give, without starting a Ray Data execution (its read tasks' worker
-    processes: seconds, on a small machine, for a split of a few thousand rows). A streaming
-    split's output also depends on the block boundaries, so it keeps the Ray Data read.
+    this process (files in parallel threads, at most :data:`DRIVER_READ_THREADS`), a table per
+    file in the reader's order: the same rows in the same order as the reader's Ray tasks give,
+    without a Ray Data execution (seconds, on a small machine, for a split of a few thousand
+    rows). This process holds the split while it is put into the object store, which then keeps
+    it on this node. A streaming split's output also depends on the block boundaries, so it
+    keeps the Ray Data read.
     """
     if max_rows and split == "train":
         raise ValueError("max_rows limits evaluation splits only")
@@ -201,13 +204,19 @@ def split_dataset(info: DatasetInfo, task: str, split: str, *, seed: int, cache_
     size = sum(m.row_group(i).total_byte_size for m in footers for i in range(m.num_row_groups))
     order_seed = seed if split == "train" else None
     if parts and reader == "files" and (max_rows or size < cache_below_bytes):
-        tables, rows = [], 0
-        for path in _file_order(files, order_seed):
-            if max_rows and rows >= max_rows:
-                break
-            table = pq.read_table(path)
-            tables.append(table.slice(0, max_rows - rows) if max_rows else table)
-            rows += tables[-1].num_rows
+        ordered = _file_order(files, order_seed)
+        if max_rows:  # the first rows, in file order; only the row groups they are in are read
+            tables, rows = [], 0
+            for path in ordered:
+                if rows >= max_rows:
+                    break
+                tables.append(_head(path, max_rows - rows))
+                rows += tables[-1].num_rows
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(DRIVER_READ_THREADS, len(ordered))) as pool:
+                tables = list(pool.map(pq.read_table, ordered))  # in the order given
         return ray.data.from_arrow(tables)
     ds = read_split(info, task, split, shuffle_files_seed=order_seed, reader=reader)
     if max_rows:
@@ -219,6 +228,22 @@ def split_dataset(info: DatasetInfo, task: str, split: str, *, seed: int, cache_
     # first (a dataset carries the context it was made with).
     ds.context.execution_options.preserve_order = True
     return ds.materialize()
+
+
+DRIVER_READ_THREADS = 8  # files of one split read at once by split_dataset(parts=True)
+
+
+def _head(path: str, rows: int) -> pa.Table:
+    """The first ``rows`` rows of a Parquet file (all of a shorter one), as ``pq.read_table``
+    gives them, reading only the row groups they are in."""
+    source = pq.ParquetFile(path)
+    batches, have = [], 0
+    for batch in source.iter_batches():
+        batches.append(batch)
+        have += batch.num_rows
+        if have >= rows:
+            break
+    return pa.Table.from_batches(batches, schema=source.schema_arrow).slice(0, rows)
 
 
 # Rows per batch asked of Ray Data where batches are consecutive rows (see iter_torch_batches).

@@ -38,7 +38,7 @@ def prune_ratios(spec: TaskSpec, names: Sequence[str]) -> dict[str, float]:
     return ratios
 
 
-SMALL_TABLE_ELEMENTS = 4_000_000  # item tables up to this size are built for real by prunable_shapes (16 MB each)
+SMALL_TABLE_ELEMENTS = 8_000_000  # item tables up to this many values in all are built for real by prunable_shapes (32 MB)
 
 
 def prunable_shapes(exp: ExperimentConfig) -> dict[str, tuple[int, ...]]:
@@ -52,12 +52,12 @@ def prunable_shapes(exp: ExperimentConfig) -> dict[str, tuple[int, ...]]:
 
     method = get_method(exp.method)
     specs = [t.spec for t in exp.tasks]
-    small = exp.model.num_items * exp.model.embed_dim <= SMALL_TABLE_ELEMENTS
+    rows = exp.model.num_items + 1 + sum(t.spec.num_labels for t in exp.tasks if t.spec.kind == "item")
+    small = 2 * rows * exp.model.embed_dim <= SMALL_TABLE_ELEMENTS  # T1's embedding and scorer, item heads: at most 2 x rows
     with torch.random.fork_rng(devices=[]), torch.device("cpu" if small else "meta"):
         model = ConureModel(method_model_config(exp.model, method), specs,
                             patched=[t.name for t in specs[1:]] if method.patched else ())
     return model.prunable_shapes()
-
 
 
 @dataclass(frozen=True)
