@@ -200,10 +200,9 @@ def split_dataset(info: DatasetInfo, task: str, split: str, *, seed: int, cache_
     if max_rows and split == "train":
         raise ValueError("max_rows limits evaluation splits only")
     files = info.split_files(task, split)
-    footers = [pq.read_metadata(f) for f in files]
-    size = sum(m.row_group(i).total_byte_size for m in footers for i in range(m.num_row_groups))
     order_seed = seed if split == "train" else None
-    if parts and reader == "files" and (max_rows or size < cache_below_bytes):
+    in_store = bool(max_rows) or _uncompressed_bytes(files) < cache_below_bytes  # footers read only without max_rows
+    if parts and reader == "files" and in_store:
         ordered = _file_order(files, order_seed)
         if max_rows:  # the first rows, in file order; only the row groups they are in are read
             tables, rows = [], 0
@@ -222,7 +221,7 @@ def split_dataset(info: DatasetInfo, task: str, split: str, *, seed: int, cache_
     if max_rows:
         ds.context.execution_options.preserve_order = True
         return ds.limit(max_rows).materialize()
-    if size >= cache_below_bytes:
+    if not in_store:
         return ds
     # Blocks kept in the read order, so each rank's rows do not depend on which read finished
     # first (a dataset carries the context it was made with).
@@ -231,6 +230,12 @@ def split_dataset(info: DatasetInfo, task: str, split: str, *, seed: int, cache_
 
 
 DRIVER_READ_THREADS = 8  # files of one split read at once by split_dataset(parts=True)
+
+
+def _uncompressed_bytes(files: Sequence[str]) -> int:
+    """The uncompressed size of these Parquet files' row groups, from their footers."""
+    footers = [pq.read_metadata(f) for f in files]
+    return sum(m.row_group(i).total_byte_size for m in footers for i in range(m.num_row_groups))
 
 
 def _head(path: str, rows: int) -> pa.Table:

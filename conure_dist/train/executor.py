@@ -127,10 +127,10 @@ class RayExecutor:
 
         key = (task, split)
         if key not in self._datasets:
-            parts = split != "train" or self.exp.cluster.train_shuffle == "permute"  # if in the object store
             self._datasets[key] = split_dataset(self.info, task, split, seed=self.exp.seed,
                                                 cache_below_bytes=self.exp.cluster.cache_splits_below_bytes,
-                                                max_rows=self._max_rows(split), reader=self.exp.cluster.reader, parts=parts)
+                                                max_rows=self._max_rows(split), reader=self.exp.cluster.reader,
+                                                parts=self._parts(split))
         return self._datasets[key]
 
     def _source(self, task: str, split: str) -> tuple[Any, Any, bool]:
@@ -143,8 +143,12 @@ class RayExecutor:
         from conure_dist.data.pipeline import split_size
 
         dataset = self._dataset(task, split)
-        in_memory = isinstance(dataset, MaterializedDataset) and (split != "train" or self.exp.cluster.train_shuffle == "permute")
+        in_memory = isinstance(dataset, MaterializedDataset) and self._parts(split)
         return dataset, split_size(self.info, task, split, self._max_rows(split)), in_memory
+
+    def _parts(self, split: str) -> bool:
+        """Whether a split held in the object store is cut into fixed per-rank parts."""
+        return split != "train" or self.exp.cluster.train_shuffle == "permute"
 
     def _max_rows(self, split: str) -> int:
         return 0 if split == "train" else self.exp.max_eval_rows
