@@ -104,47 +104,52 @@ def test_each_split_is_split_once_per_worker_group_and_read_again_by_later_comma
 
 
 def test_evaluation_splits_in_the_object_store_are_cut_into_a_fixed_part_per_rank(ray_cluster):
-    """Real Ray Data: a materialized split marked in memory reaches each rank as its own equal,
-    contiguous part (padded), every row exactly once, the same part every time it is cut, and
-    readable again and again without a coordinator."""
+    """Real Ray: a split read whole (tables, or a dataset Ray Data materialized) reaches each
+    rank as its own equal, contiguous part (padded), every row exactly once, the same part every
+    time it is cut and the part ``Dataset.split(n, equal=True)`` gives (the parts of the runs
+    made before the driver cut them), readable again and again without a coordinator."""
     import pyarrow as pa
     import ray.data
 
-    from ray.data.dataset import MaterializedDataset
-
-    from conure_dist.data.pipeline import SplitSize, split_in_memory
+    from conure_dist.data.pipeline import Part, SplitSize, padding_to_multiple, split_in_memory
 
     table = pa.table({"user": pa.array(range(11), pa.int64()), "seq": pa.array([[u + 1] for u in range(11)], pa.list_(pa.int64()))})
-    ds = ray.data.from_arrow([table.slice(0, 4), table.slice(4, 5), table.slice(9, 2)])  # blocks of 4, 5, 2 rows
+    tables = [table.slice(0, 4), table.slice(4, 5), table.slice(9, 2)]  # a table per file: 4, 5, 2 rows
+    ds = ray.data.from_arrow(tables)
     ds.context.execution_options.preserve_order = True
     ds = ds.materialize()
     size = SplitSize(11, table.schema)
 
     def users(part):
-        return [row["user"] for row in part.iter_rows()]
+        return part.table()["user"].to_pylist()
 
     for world, padding in ((1, 0), (2, 1), (3, 1), (4, 1), (6, 1), (11, 0)):
-        parts = split_in_memory(ds, size, world)
-        assert len(parts) == world and all(isinstance(p, MaterializedDataset) for p in parts)
+        parts = split_in_memory(tables, size, world)
+        assert len(parts) == world and all(isinstance(p, Part) and p.rows == len(users(p)) for p in parts)
         got = [users(p) for p in parts]
         assert len({len(u) for u in got}) == 1  # equal parts: every rank runs the same steps
         # every row once, contiguous in the stored order, the padding rows (user -1) last
         assert sum(got, []) == list(range(11)) + [-1] * padding, (world, got)
         assert [users(p) for p in parts] == got  # read again: the same rows
-        assert [users(p) for p in split_in_memory(ds, size, world)] == got  # cut again: the same parts
+        assert [users(p) for p in split_in_memory(tables, size, world)] == got  # cut again: the same parts
+        assert [users(p) for p in split_in_memory(ds, size, world)] == got  # from Ray Data's blocks: the same
+        pad = padding_to_multiple(size, world)
+        blocks = ds.to_arrow_refs() + ([ray.put(pad)] if pad is not None else [])
+        ray_parts = ray.data.from_arrow_refs(blocks).split(world, equal=True)
+        assert [[r["user"] for r in p.iter_rows()] for p in ray_parts] == got  # Ray Data's equal split
     with pytest.raises(ValueError, match="split has 11 rows, but its dataset.json count is 12"):
-        split_in_memory(ds, SplitSize(12, table.schema), 2)  # rows would be dropped or padded wrongly
+        split_in_memory(tables, SplitSize(12, table.schema), 2)  # rows would be dropped or padded wrongly
 
     box = Commands(world_size=2, max_failures=0)
     box.hello("g1")
-    seq = box.post({"kind": "evaluate"}, {"test_a": "a.test"}, {"a.test": (ds, size, True)})
+    cut = split_in_memory(tables, size, 2)
+    seq = box.post({"kind": "evaluate"}, {"test_a": "a.test"}, {"a.test": (cut, size, True)})
     parts = [box.shards(seq, "g1", r)["test_a"] for r in (0, 1)]
-    assert [users(p) for p in parts] == [users(p) for p in split_in_memory(ds, size, 2)]
+    assert parts == cut  # each rank its own part
     again = box.post({"kind": "evaluate"}, {"test_a": "a.test"}, {})
     assert box.shards(again, "g1", 1)["test_a"] is parts[1]  # kept for later commands
-    box.hello("g2")  # a restarted group: cut again, the same rows per rank
-    recut = [box.shards(again, "g2", r)["test_a"] for r in (0, 1)]
-    assert recut[0] is not parts[0] and [users(p) for p in recut] == [users(p) for p in parts]
+    box.hello("g2")  # a restarted group: the same parts
+    assert [box.shards(again, "g2", r)["test_a"] for r in (0, 1)] == parts
 
 
 def test_a_train_part_in_the_object_store_is_taken_whole_in_a_new_seeded_order_every_epoch(ray_cluster):
@@ -175,7 +180,7 @@ def test_a_train_part_in_the_object_store_is_taken_whole_in_a_new_seeded_order_e
 
     first = [epoch(rank, 1) for rank in range(3)]
     assert [len(b) for b in first] == [11, 11, 11] and [len(b["user"]) for b in first[0]] == [32] * 10 + [14]
-    stored = [[row["user"] for row in part.iter_rows()] for part in parts]
+    stored = [part.table()["user"].to_pylist() for part in parts]
     for rank in range(3):
         assert sorted(users(first[rank])) == sorted(stored[rank])  # every row of the part once
         assert users(first[rank]) != stored[rank]  # shuffled
@@ -185,14 +190,16 @@ def test_a_train_part_in_the_object_store_is_taken_whole_in_a_new_seeded_order_e
     assert sum(stored, []) == list(range(rows)) + [-1, -1]  # the parts: every row once, padding last
     assert users(first[1])[:20] != [u + 334 for u in users(first[0])[:20]]  # ranks' orders are their own
     # the same padded batches as the streaming path gives for the same rows in the same order
-    plain = list(iter_torch_batches(parts[2], batch_size=50, seq_len=4, with_label=True))
+    streamed = ray.data.from_arrow(parts[2].table())
+    plain = list(iter_torch_batches(streamed, batch_size=50, seq_len=4, with_label=True))
+    assert [torch.equal(a["user"], b["user"]) for a, b in zip(plain, iter_torch_batches(
+        parts[2], batch_size=50, seq_len=4, with_label=True))] == [True] * 7  # a Part read in its stored order
     unshuffled = epoch(2, 1, shuffle_rows=0, batch_size=50)
     assert len(plain) == len(unshuffled) == 7
     for a, b in zip(plain, unshuffled):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == torch.int64 for k in a)
     # one row for three ranks: each still takes one batch (two of them a padding row)
-    one = ray.data.from_arrow(table.slice(0, 1)).materialize()
-    single = split_in_memory(one, SplitSize(1, table.schema), 3)
+    single = split_in_memory([table.slice(0, 1)], SplitSize(1, table.schema), 3)
     got = [users(list(epoch_batches(part, epoch=1, rank=r, seed=11, shuffle_rows=100_000, batch_size=32, seq_len=4,
                                     with_label=True))) for r, part in enumerate(single)]
     assert got == [[0], [-1], [-1]]
@@ -206,3 +213,30 @@ def test_a_group_knows_whether_it_is_the_sessions_first():
     box.post({"kind": "train", "config": {}}, {}, {})
     box.hello("g2")
     assert box.restarted()
+
+
+def test_the_mailbox_answers_waiting_callers_as_soon_as_it_can(ray_cluster):
+    """The real actor: wait_next and wait_result return at once when there is something, are
+    woken by the change they wait for (no polling), and give None after their timeout."""
+    import time
+
+    import ray
+
+    from conure_dist.train.session import Mailbox
+
+    box = Mailbox.remote(2, 0)
+    ray.get(box.hello.remote("g1"))
+    started = time.monotonic()
+    assert ray.get(box.wait_next.remote(0.3)) is None and time.monotonic() - started >= 0.3  # nothing yet
+    waiting = box.wait_next.remote(30.0)
+    time.sleep(0.2)
+    seq = ray.get(box.post.remote({"kind": "train", "config": {}}, {}, {}))
+    started = time.monotonic()
+    assert ray.get(waiting) == (seq, {"kind": "train", "config": {}}) and time.monotonic() - started < 10
+    answer = box.wait_result.remote(seq, 30.0)
+    assert ray.get(box.wait_result.remote(seq, 0.1)) is None  # not answered yet
+    ray.get(box.done.remote(seq, {"checkpoint": "c"}))
+    started = time.monotonic()
+    assert ray.get(answer) == ({"checkpoint": "c"},) and time.monotonic() - started < 10
+    assert ray.get(box.wait_result.remote(seq, 30.0)) == ({"checkpoint": "c"},)  # answered: at once
+    ray.kill(box)

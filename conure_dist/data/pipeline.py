@@ -35,7 +35,6 @@ Example (driver and worker)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -49,6 +48,7 @@ from ray.data.dataset import MaterializedDataset
 from ray.train import DataConfig
 
 from conure_dist.data.format import PAD_ID, PAD_LABEL, PAD_USER, DatasetInfo
+from conure_dist.data.part import Part, SplitSize
 
 
 # --- padding, shared by every reader ------------------------------------------------------
@@ -181,7 +181,7 @@ def _file_order(files: Sequence[str], seed: int | None) -> list[str]:
 
 
 def split_dataset(info: DatasetInfo, task: str, split: str, *, seed: int, cache_below_bytes: int, reader: str,
-                  max_rows: int = 0, parts: bool = False) -> ray.data.Dataset:
+                  max_rows: int = 0, parts: bool = False) -> ray.data.Dataset | list[pa.Table]:
     """The Ray Dataset a stage reads: train splits with their files in a seeded order (rows are
     shuffled again every epoch in each worker, see :func:`epoch_batches`); splits smaller than
     ``cache_below_bytes`` (uncompressed) read once into the object store, since Ray Data's
@@ -190,12 +190,12 @@ def split_dataset(info: DatasetInfo, task: str, split: str, *, seed: int, cache_
 
     ``parts``: the split will be cut into per-rank parts (:func:`split_in_memory`), which depend
     only on the order of its rows. With the ``files`` reader such a split is then read here, in
-    this process (files in parallel threads, at most :data:`DRIVER_READ_THREADS`), a table per
-    file in the reader's order: the same rows in the same order as the reader's Ray tasks give,
-    without a Ray Data execution (seconds, on a small machine, for a split of a few thousand
-    rows). This process holds the split while it is put into the object store, which then keeps
-    it on this node. A streaming split's output also depends on the block boundaries, so it
-    keeps the Ray Data read.
+    this process (files in parallel threads, at most :data:`DRIVER_READ_THREADS`), and returned
+    as a table per file in the reader's order: the same rows in the same order as the reader's
+    Ray tasks give, without a Ray Data execution (seconds, on a small machine, for a split of a
+    few thousand rows). This process holds the split until its parts are put into the object
+    store, which then keeps them on this node. A streaming split's output also depends on the
+    block boundaries, so it keeps the Ray Data read.
     """
     if max_rows and split == "train":
         raise ValueError("max_rows limits evaluation splits only")
@@ -216,7 +216,7 @@ def split_dataset(info: DatasetInfo, task: str, split: str, *, seed: int, cache_
 
             with ThreadPoolExecutor(min(DRIVER_READ_THREADS, len(ordered))) as pool:
                 tables = list(pool.map(pq.read_table, ordered))  # in the order given
-        return ray.data.from_arrow(tables)
+        return tables
     ds = read_split(info, task, split, shuffle_files_seed=order_seed, reader=reader)
     if max_rows:
         ds.context.execution_options.preserve_order = True
@@ -259,7 +259,7 @@ def iter_torch_batches(data_iterator, *, batch_size: int, seq_len: int, with_lab
                        local_shuffle_buffer_size: int | None = None, local_shuffle_seed: int | None = None,
                        drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Padded int64 batches from a rank's iterator (a streaming split, as the session's mailbox
-    or ``ray.train.get_dataset_shard(...)`` gives it) or a Dataset.
+    or ``ray.train.get_dataset_shard(...)`` gives it), a Dataset, or a rank's :class:`Part`.
 
     Yields ``user`` [B], ``seq`` [B, seq_len] and, with ``with_label``, ``label`` [B]. Rows with
     ``user == -1`` are padding (see the module docstring).
@@ -268,6 +268,11 @@ def iter_torch_batches(data_iterator, *, batch_size: int, seq_len: int, with_lab
     :data:`RAY_BATCH_ROWS` rows at a time, padded at once and cut into ``batch_size`` views:
     the same batches, without Ray Data's per-batch cost (~0.5 ms) for each of them.
     """
+    if isinstance(data_iterator, Part):  # a rank's fixed part: its rows in the stored order
+        if local_shuffle_buffer_size:
+            raise ValueError("a Part is shuffled by epoch_batches, not through a buffer")
+        return permuted_batches(data_iterator, None, batch_size=batch_size, seq_len=seq_len, with_label=with_label,
+                                drop_last=drop_last)
     collate = PaddedBatchCollate(seq_len, with_label)
     if local_shuffle_buffer_size:
         return iter(data_iterator.iter_torch_batches(
@@ -309,14 +314,14 @@ def epoch_batches(shard, *, epoch: int, rank: int, seed: int, shuffle_rows: int,
                   seq_len: int, with_label: bool) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of a worker's training shard, in an order of its own.
 
-    The shard is either a fixed part in the object store (a ``MaterializedDataset``, see
+    The shard is either a fixed part in the object store (a :class:`Part`, see
     :data:`TRAIN_SHUFFLES`: taken whole in a permutation) or a streaming split, which arrives in
     a fixed order (:class:`ExactlyOnceDataConfig` preserves order) and is shuffled through a
     buffer of ``shuffle_rows`` rows. Either is seeded from ``(seed, epoch, rank)``: every epoch
     sees a new order, and an epoch that is run again (a resume) sees the same one.
     ``shuffle_rows=0`` reads the shard in its stored order.
     """
-    if isinstance(shard, MaterializedDataset):
+    if isinstance(shard, Part):
         order = np.random.default_rng(epoch_seed(seed, epoch, rank)) if shuffle_rows else None
         return permuted_batches(shard, order, batch_size=batch_size, seq_len=seq_len, with_label=with_label)
     return iter_torch_batches(shard, batch_size=batch_size, seq_len=seq_len, with_label=with_label,
@@ -324,30 +329,21 @@ def epoch_batches(shard, *, epoch: int, rank: int, seed: int, shuffle_rows: int,
                               local_shuffle_seed=epoch_seed(seed, epoch, rank) if shuffle_rows else None)
 
 
-def permuted_batches(part: MaterializedDataset, rng: np.random.Generator | None, *, batch_size: int, seq_len: int,
-                     with_label: bool) -> Iterator[dict[str, torch.Tensor]]:
+def permuted_batches(part: Part, rng: np.random.Generator | None, *, batch_size: int, seq_len: int,
+                     with_label: bool, drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """A rank's whole part (:func:`split_in_memory`) in the order of ``rng.permutation`` (None:
-    the stored order), as padded batches of ``batch_size`` rows (the last one short). The part's
-    blocks are read from the object store without Ray Data's execution; rows are gathered and
-    padded :data:`RAY_BATCH_ROWS` at a time."""
-    blocks = [b for b in ray.get(part.to_arrow_refs()) if b.num_rows]
-    if not blocks:
-        return
-    table = pa.concat_tables(blocks).combine_chunks()  # one copy: take() over a chunked list column joins it each time
+    the stored order), as padded batches of ``batch_size`` rows (the last one short, or dropped
+    with ``drop_last``). The part is read from the object store without Ray Data; rows are
+    gathered and padded :data:`RAY_BATCH_ROWS` at a time."""
+    table = part.table()
     rows = table.num_rows
+    if not rows:
+        return
     order = rng.permutation(rows) if rng is not None else None
     per_fetch = max(1, RAY_BATCH_ROWS // batch_size) * batch_size
     for start in range(0, rows, per_fetch):
         chunk = table.slice(start, per_fetch) if order is None else table.take(order[start:start + per_fetch])
-        yield from _cut([table_to_tensors(chunk, seq_len, with_label)], batch_size, drop_last=False)
-
-
-@dataclass(frozen=True)
-class SplitSize:
-    """What the data config needs to pad one dataset: its row count and Parquet schema."""
-
-    rows: int
-    schema: pa.Schema
+        yield from _cut([table_to_tensors(chunk, seq_len, with_label)], batch_size, drop_last)
 
 
 def split_size(info: DatasetInfo, task: str, split: str, max_rows: int = 0) -> SplitSize:
@@ -408,19 +404,22 @@ def padding_to_multiple(size: SplitSize, world_size: int) -> pa.Table | None:
     return padding_table(size.schema, missing) if missing else None
 
 
-def split_in_memory(dataset: MaterializedDataset, size: SplitSize, world_size: int) -> list[MaterializedDataset]:
-    """Each rank's share of a split that is already in the object store: padded to a multiple
-    of ``world_size`` rows with the padding rows of :class:`ExactlyOnceDataConfig` (last), and cut
-    into ``world_size`` equal, contiguous parts in the stored order, so every row reaches exactly
-    one rank, always the same one. Each rank then reads its part on its own, without the
-    coordinator actor (a process: seconds to start) that a streaming split needs. For evaluation
-    splits: which rank reads a row only changes how the metric sums are added up. A block cut
-    between two ranks is copied into two (the parts hold those copies while they are kept)."""
-    rows = dataset.count()  # from the blocks' metadata
-    if rows != size.rows:  # split(equal=True) would drop the remainder of an uneven count
+def split_in_memory(split: Sequence[pa.Table] | MaterializedDataset, size: SplitSize, world_size: int) -> list[Part]:
+    """Each rank's share of a split that is read whole (a table per file, or a dataset Ray Data
+    materialized): padded to a multiple of ``world_size`` rows with the padding rows of
+    :class:`ExactlyOnceDataConfig` (last), and cut into ``world_size`` equal, contiguous parts in
+    the stored order (the parts ``Dataset.split(world_size, equal=True)`` gives), so every row
+    reaches exactly one rank, always the same one. Each part is put into the object store as
+    one table, here, with pyarrow: no Ray Data execution to cut it, and each rank reads its
+    part without the coordinator actor (a process: seconds to start) that a streaming split
+    needs. For evaluation splits, which rank reads a row only changes how the metric sums are
+    added up; for train splits (``cluster.train_shuffle: permute``) each rank permutes its part
+    every epoch (:func:`epoch_batches`)."""
+    tables = ray.get(split.to_arrow_refs()) if isinstance(split, ray.data.Dataset) else list(split)
+    rows = sum(t.num_rows for t in tables)
+    if rows != size.rows:  # a padded count that is not the split's would drop or pad the wrong rows
         raise ValueError(f"split has {rows} rows, but its dataset.json count is {size.rows}")
-    blocks = dataset.to_arrow_refs()  # in the stored order, not copied
     pad = padding_to_multiple(size, world_size)
-    if pad is not None:  # the padding rows last (a union would slot them in after the first block)
-        blocks.append(ray.put(pad))
-    return ray.data.from_arrow_refs(blocks).split(world_size, equal=True)
+    whole = pa.concat_tables([t.cast(size.schema) for t in tables] + ([pad] if pad is not None else []))
+    share = whole.num_rows // world_size
+    return [Part(ray.put(whole.slice(rank * share, share)), share) for rank in range(world_size)]

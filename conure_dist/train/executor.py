@@ -123,28 +123,34 @@ class RayExecutor:
             logging.getLogger("conure_dist").warning(f"could not stop the session's workers: {e}")
 
     def _dataset(self, task: str, split: str):
-        from conure_dist.data.pipeline import split_dataset
+        """What the mailbox hands the workers of a split, read once per run: each rank's
+        :class:`~conure_dist.data.pipeline.Part` of a split held in the object store (splits
+        read into it, and cut into parts (:meth:`_parts`)), else the Ray Dataset it splits for
+        them (a streaming split)."""
+        from ray.data.dataset import MaterializedDataset
+
+        from conure_dist.data.pipeline import split_dataset, split_in_memory
 
         key = (task, split)
         if key not in self._datasets:
-            self._datasets[key] = split_dataset(self.info, task, split, seed=self.exp.seed,
-                                                cache_below_bytes=self.exp.cluster.cache_splits_below_bytes,
-                                                max_rows=self._max_rows(split), reader=self.exp.cluster.reader,
-                                                parts=self._parts(split))
+            data = split_dataset(self.info, task, split, seed=self.exp.seed,
+                                 cache_below_bytes=self.exp.cluster.cache_splits_below_bytes,
+                                 max_rows=self._max_rows(split), reader=self.exp.cluster.reader, parts=self._parts(split))
+            if self._parts(split) and isinstance(data, (list, MaterializedDataset)):  # read whole
+                data = split_in_memory(data, self._size(task, split), self.exp.cluster.num_workers)
+            self._datasets[key] = data
         return self._datasets[key]
 
     def _source(self, task: str, split: str) -> tuple[Any, Any, bool]:
-        """What the mailbox splits for the workers: the dataset, its size, and whether each rank
-        reads a fixed part of it in the object store (splits read into it; a train split only
-        with ``cluster.train_shuffle: permute``, else the streaming split of the runs made
-        before)."""
-        from ray.data.dataset import MaterializedDataset
+        """What the mailbox gives the workers of a split: each rank's part (True) or the dataset
+        it splits into streaming splits (False), with the split's size."""
+        data = self._dataset(task, split)
+        return data, self._size(task, split), isinstance(data, list)
 
+    def _size(self, task: str, split: str):
         from conure_dist.data.pipeline import split_size
 
-        dataset = self._dataset(task, split)
-        in_memory = isinstance(dataset, MaterializedDataset) and self._parts(split)
-        return dataset, split_size(self.info, task, split, self._max_rows(split)), in_memory
+        return split_size(self.info, task, split, self._max_rows(split))
 
     def _parts(self, split: str) -> bool:
         """Whether a split held in the object store is cut into fixed per-rank parts."""
@@ -280,7 +286,7 @@ class Session:
             self.error = e
 
     def run(self, kind: str, config: dict[str, Any], reads: dict[str, str], sources: dict, what: str,
-            poll_s: float = 0.05) -> Any:
+            wait_s: float = 1.0) -> Any:
         """Post a command (``reads``: its dataset names -> split ids; ``sources``: the splits the
         mailbox has not had yet) and wait for its answer."""
         import ray
@@ -288,7 +294,7 @@ class Session:
         seq = ray.get(self.mailbox.post.remote({"kind": kind, "config": config}, reads, sources))
         self.posted.update(sources)
         while True:
-            answer = ray.get(self.mailbox.result.remote(seq))
+            answer = ray.get(self.mailbox.wait_result.remote(seq, wait_s))  # as soon as it is answered
             if answer is not None:
                 if isinstance(answer[0], dict) and "error" in answer[0]:
                     raise StageFailed(f"{what} failed: {answer[0]['error']}")
@@ -297,7 +303,6 @@ class Session:
                 cause = _causes(self.error) if self.error is not None else \
                     "the workers stopped before it finished (they kept failing before they reached it)"
                 raise StageFailed(f"{what} failed: {cause}") from self.error
-            time.sleep(poll_s)
 
     def close(self, wait: bool = True, timeout_s: float | None = 120.0) -> None:
         """Tell the workers to stop after the command in progress (if any); ``wait``: until the

@@ -21,7 +21,8 @@ stage fails with it.
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, Callable
 
 import ray
 
@@ -35,7 +36,8 @@ class Commands:
         self.world_size, self.max_failures, self.keep_splits = world_size, max_failures, keep_splits
         self.commands: list[dict[str, Any]] = []
         self.reads: dict[int, dict[str, str]] = {}  # seq -> {name in the worker: split id}
-        # split id ("click.train", also the Ray Data dataset name: no "/") -> (Dataset, SplitSize, in memory)
+        # split id ("click.train", also the Ray Data dataset name: no "/") -> (each rank's Part, or a
+        # Dataset to split; SplitSize; in memory)
         self.sources: dict[str, tuple[Any, Any, bool]] = {}
         self.results: dict[int, Any] = {}
         self.splits: dict[str, list] = {}  # split id -> each rank's iterator, most recently used last
@@ -44,23 +46,31 @@ class Commands:
         self.errors: dict[int, list[tuple[str, int, str]]] = {}  # seq -> (group, rank, error) of each failure
         self.starts_without_command = 0
         self.groups_started = 0  # worker groups that said hello: the first, then restarts
+        self.waiting: list[asyncio.Event] = []  # callers of wait_result / wait_next, woken by every change
 
     # -- the coordinator -------------------------------------------------------------
     def post(self, command: dict[str, Any], reads: dict[str, str], sources: dict[str, tuple[Any, Any, bool]]) -> int:
         """``reads``: the command's dataset names -> split ids; ``sources``: split id ->
-        (Ray Dataset, :class:`~conure_dist.data.pipeline.SplitSize`, in memory) of those first
-        seen; ``in memory``: a materialized dataset that each rank reads a fixed part of
-        (:func:`~conure_dist.data.pipeline.split_in_memory`), else a streaming split."""
+        (data, :class:`~conure_dist.data.pipeline.SplitSize`, in memory) of those first seen;
+        ``in memory``: the data is each rank's fixed part
+        (:func:`~conure_dist.data.pipeline.split_in_memory`), else a Ray Dataset to split into
+        streaming splits."""
         self.commands.append(command)
         seq = len(self.commands) - 1
         self.reads[seq] = dict(reads)
         for split, source in sources.items():
             self.sources.setdefault(split, source)
+        self._wake()
         return seq
 
     def result(self, seq: int) -> tuple | None:
         """``(result,)`` once the command is answered, else None."""
         return (self.results[seq],) if seq in self.results else None
+
+    async def wait_result(self, seq: int, timeout_s: float) -> tuple | None:
+        """:meth:`result`, once there is one or after ``timeout_s``."""
+        await self._until(lambda: seq in self.results, timeout_s)
+        return self.result(seq)
 
     # -- the workers -----------------------------------------------------------------
     def hello(self, group: str) -> bool:
@@ -86,6 +96,29 @@ class Commands:
         pending = self._pending()
         return None if pending is None else (pending, self.commands[pending])
 
+    async def wait_next(self, timeout_s: float) -> tuple[int, dict[str, Any]] | None:
+        """:meth:`next`, once there is a command not answered yet or after ``timeout_s``."""
+        await self._until(lambda: self._pending() is not None, timeout_s)
+        return self.next()
+
+    async def _until(self, ready: Callable[[], bool], timeout_s: float) -> None:
+        """Wait until ``ready()`` or ``timeout_s``, without polling: in the actor every method
+        runs in one event loop, and each change wakes the waiting calls (:meth:`_wake`)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not ready() and loop.time() < deadline:
+            event = asyncio.Event()
+            self.waiting.append(event)
+            try:
+                await asyncio.wait_for(event.wait(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                return
+
+    def _wake(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for event in waiting:
+            event.set()
+
     def begin(self, seq: int, group: str) -> bool:
         """Rank 0 of ``group`` starts command ``seq``. False: its restarts are used up, and it
         has been answered with the workers' error."""
@@ -102,12 +135,12 @@ class Commands:
         out = {}
         for name, split in self.reads[seq].items():
             if split not in self.splits:
-                from conure_dist.data.pipeline import ExactlyOnceDataConfig, split_in_memory
-
                 dataset, size, in_memory = self.sources[split]
-                if in_memory:
-                    self.splits[split] = split_in_memory(dataset, size, self.world_size)
+                if in_memory:  # cut by the driver: the same parts for every worker group
+                    self.splits[split] = list(dataset)
                 else:
+                    from conure_dist.data.pipeline import ExactlyOnceDataConfig
+
                     config = ExactlyOnceDataConfig({split: size}, datasets_to_split=[split])
                     self.splits[split] = [its[split] for its in config.configure({split: dataset}, self.world_size, None, None)]
             self.splits[split] = self.splits.pop(split)  # most recently used last
@@ -122,6 +155,7 @@ class Commands:
 
     def done(self, seq: int, result: Any) -> None:
         self.results[seq] = result
+        self._wake()
 
     def _attempt(self, seq: int, group: str) -> None:
         groups = self.attempts.setdefault(seq, [])
@@ -131,6 +165,7 @@ class Commands:
         if len(groups) > self.max_failures + 1 and seq not in self.results:
             self.results[seq] = {"error": f"{self._cause(seq)} (after {len(groups) - 1} restarts of the workers; "
                                           f"cluster.max_failures is {self.max_failures})"}
+            self._wake()
 
     def _cause(self, seq: int) -> str:
         """The errors of the last group that reported any for ``seq``, each once."""
@@ -147,4 +182,6 @@ class Commands:
         return None
 
 
-Mailbox = ray.remote(num_cpus=0)(Commands)  # one per session, owned by the driver, on the driver's node
+# One per session, owned by the driver, on the driver's node; an async actor (wait_result and
+# wait_next wait in its event loop, where its other methods run too, one at a time).
+Mailbox = ray.remote(num_cpus=0)(Commands)
