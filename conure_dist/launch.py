@@ -264,6 +264,23 @@ def resource_plan(exp: ExperimentConfig, gpu_memory: int | None = None):
                     gpus_per_worker=exp.cluster.gpus_per_worker, gpu_memory_bytes=gpu_memory)
 
 
+def start_train_helpers() -> None:
+    """Start now an actor that Ray Train's controller waits for when the session starts.
+
+    At its start the controller asks Ray Data's autoscaling coordinator (a named actor: a
+    process of its own, created on first use) for the workers' resources, and waits up to 5 s
+    for the answer; on a 2-core machine that process takes about as long to start. Asked for
+    here, right after Ray is up, it starts while the driver opens the run and the controller
+    imports. Ray's own get-or-create; nothing is started if this Ray has no such helper."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+    except ImportError:
+        return
+    get_or_create_autoscaling_coordinator()
+
+
 def connect_ray(num_cpus_hint: int | None = None, *, worker_output: bool = False) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it; ``RAY_ADDRESS=auto``
     joins a ``ray start`` cluster on this machine), else start a private local Ray.
@@ -426,6 +443,7 @@ def run_from_args(args: argparse.Namespace, preset: str) -> int:
             log.info("smoke test: " + "; ".join(exp.smoke_settings()))
         if not args.in_process:
             connect_ray(worker_output=args.log_level == "debug")
+            start_train_helpers()
         started = time.time()
         run = run_experiment(exp, rc.run_dir, new_run=args.new_run, add_task=args.add_task, config_yaml=config_yaml,
                              in_process=args.in_process)
