@@ -271,14 +271,18 @@ def start_train_helpers() -> None:
     process of its own, created on first use) for the workers' resources, and waits up to 5 s
     for the answer; on a 2-core machine that process takes about as long to start. Asked for
     here, right after Ray is up, it starts while the driver opens the run and the controller
-    imports. Ray's own get-or-create; nothing is started if this Ray has no such helper."""
+    imports. Ray's own get-or-create (a private function): if this Ray has none, or it fails,
+    nothing is started here."""
     try:
         from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
             get_or_create_autoscaling_coordinator,
         )
-    except ImportError:
-        return
-    get_or_create_autoscaling_coordinator()
+
+        get_or_create_autoscaling_coordinator()
+    except Exception as e:  # noqa: BLE001  (a head start only: Ray Train creates it anyway)
+        import logging
+
+        logging.getLogger("conure_dist").debug(f"Ray Data's autoscaling coordinator not started early: {e}")
 
 
 def connect_ray(num_cpus_hint: int | None = None, *, worker_output: bool = False) -> None:

@@ -111,7 +111,7 @@ def test_evaluation_splits_in_the_object_store_are_cut_into_a_fixed_part_per_ran
     import pyarrow as pa
     import ray.data
 
-    from conure_dist.data.pipeline import Part, SplitSize, padding_to_multiple, split_in_memory
+    from conure_dist.data.pipeline import Part, SplitSize, iter_torch_batches, padding_to_multiple, split_in_memory
 
     table = pa.table({"user": pa.array(range(11), pa.int64()), "seq": pa.array([[u + 1] for u in range(11)], pa.list_(pa.int64()))})
     tables = [table.slice(0, 4), table.slice(4, 5), table.slice(9, 2)]  # a table per file: 4, 5, 2 rows
@@ -139,6 +139,9 @@ def test_evaluation_splits_in_the_object_store_are_cut_into_a_fixed_part_per_ran
         assert [[r["user"] for r in p.iter_rows()] for p in ray_parts] == got  # Ray Data's equal split
     with pytest.raises(ValueError, match="split has 11 rows, but its dataset.json count is 12"):
         split_in_memory(tables, SplitSize(12, table.schema), 2)  # rows would be dropped or padded wrongly
+    empty = split_in_memory([table.slice(0, 0)], SplitSize(0, table.schema), 2)  # an empty split: empty parts
+    assert [p.rows for p in empty] == [0, 0] and [users(p) for p in empty] == [[], []]
+    assert list(iter_torch_batches(empty[1], batch_size=4, seq_len=3, with_label=False)) == []
 
     box = Commands(world_size=2, max_failures=0)
     box.hello("g1")

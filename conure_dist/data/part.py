@@ -2,8 +2,9 @@
 
 A module of its own, importing neither torch nor Ray Data: the mailbox hands these to the
 workers without reading them (:func:`conure_dist.data.pipeline.split_in_memory` cuts the
-parts in the driver), so its process never imports the data pipeline (seconds of a small
-machine's CPU while the workers start).
+parts in the driver), so a run whose splits are all cut into parts never makes the mailbox's
+process import the data pipeline (seconds of a small machine's CPU while the workers start).
+Only a streaming split does (the mailbox splits it).
 """
 
 from __future__ import annotations

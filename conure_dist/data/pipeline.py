@@ -420,6 +420,7 @@ def split_in_memory(split: Sequence[pa.Table] | MaterializedDataset, size: Split
     if rows != size.rows:  # a padded count that is not the split's would drop or pad the wrong rows
         raise ValueError(f"split has {rows} rows, but its dataset.json count is {size.rows}")
     pad = padding_to_multiple(size, world_size)
-    whole = pa.concat_tables([t.cast(size.schema) for t in tables] + ([pad] if pad is not None else []))
+    pieces = [t for t in tables if t.num_rows] + ([pad] if pad is not None else [])
+    whole = pa.concat_tables(pieces) if pieces else size.schema.empty_table()
     share = whole.num_rows // world_size
     return [Part(ray.put(whole.slice(rank * share, share)), share) for rank in range(world_size)]

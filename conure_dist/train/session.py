@@ -40,7 +40,7 @@ class Commands:
         # Dataset to split; SplitSize; in memory)
         self.sources: dict[str, tuple[Any, Any, bool]] = {}
         self.results: dict[int, Any] = {}
-        self.splits: dict[str, list] = {}  # split id -> each rank's iterator, most recently used last
+        self.splits: dict[str, list] = {}  # split id -> each rank's part or iterator, most recently used last
         self.group: str | None = None  # the worker group now running (the iterators are its)
         self.attempts: dict[int, list[str]] = {}  # seq -> the groups that tried it
         self.errors: dict[int, list[tuple[str, int, str]]] = {}  # seq -> (group, rank, error) of each failure
@@ -113,6 +113,9 @@ class Commands:
                 await asyncio.wait_for(event.wait(), deadline - loop.time())
             except asyncio.TimeoutError:
                 return
+            finally:
+                if event in self.waiting:  # timed out (a woken one is gone already): not kept for ever
+                    self.waiting.remove(event)
 
     def _wake(self) -> None:
         waiting, self.waiting = self.waiting, []
@@ -126,10 +129,12 @@ class Commands:
         return seq not in self.results
 
     def shards(self, seq: int, group: str, rank: int) -> dict[str, Any]:
-        """Rank ``rank``'s iterators over the command's datasets: each split is split once per
-        worker group (padded to equal shards, see :class:`~conure_dist.data.pipeline.ExactlyOnceDataConfig`)
-        and read again by later commands; every epoch starts a new pass over it on all ranks
-        together."""
+        """Rank ``rank``'s data of each of the command's datasets: its part of a split the
+        driver cut into parts (the same for every worker group), else its iterator of a
+        streaming split, which is split once per worker group (padded to equal shards, see
+        :class:`~conure_dist.data.pipeline.ExactlyOnceDataConfig`) and read again by later
+        commands; every epoch starts a new pass over it on all ranks together. The most recently
+        used ``keep_splits`` splits are kept (a part is also held by the driver)."""
         if group != self.group:
             raise RuntimeError(f"worker group {group} asked for data, but the session's workers are now group {self.group}")
         out = {}

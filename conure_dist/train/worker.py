@@ -185,11 +185,13 @@ def _settle_heap() -> None:
     of the garbage collector's view (``gc.freeze``). A full collection otherwise walks them all,
     0.3-0.6 s on a small machine: after every command (below) and whenever Python runs one
     during training. Collections still find the commands' own garbage."""
-    from conure_dist.train.engine import prepare_deepspeed_import
+    try:  # imported by the first stage otherwise: its modules are frozen too
+        from conure_dist.train.engine import prepare_deepspeed_import
 
-    prepare_deepspeed_import()
-    import deepspeed  # noqa: F401  (imported by the first stage otherwise: its modules are frozen too)
-
+        prepare_deepspeed_import()
+        import deepspeed  # noqa: F401
+    except Exception:  # noqa: BLE001  (the first stage imports it again, and reports its error to the driver)
+        pass
     gc.collect()
     gc.freeze()
 
