@@ -122,11 +122,11 @@ class RayExecutor:
         except Exception as e:  # noqa: BLE001
             logging.getLogger("conure_dist").warning(f"could not stop the session's workers: {e}")
 
-    def _dataset(self, task: str, split: str):
+    def _dataset(self, task: str, split: str, size):
         """What the mailbox hands the workers of a split, read once per run: each rank's
         :class:`~conure_dist.data.pipeline.Part` of a split held in the object store (splits
         read into it, and cut into parts (:meth:`_parts`)), else the Ray Dataset it splits for
-        them (a streaming split)."""
+        them (a streaming split). ``size``: the split's row count and schema (to pad it)."""
         from ray.data.dataset import MaterializedDataset
 
         from conure_dist.data.pipeline import split_dataset, split_in_memory
@@ -137,20 +137,18 @@ class RayExecutor:
                                  cache_below_bytes=self.exp.cluster.cache_splits_below_bytes,
                                  max_rows=self._max_rows(split), reader=self.exp.cluster.reader, parts=self._parts(split))
             if self._parts(split) and isinstance(data, (list, MaterializedDataset)):  # read whole
-                data = split_in_memory(data, self._size(task, split), self.exp.cluster.num_workers)
+                data = split_in_memory(data, size, self.exp.cluster.num_workers)
             self._datasets[key] = data
         return self._datasets[key]
 
     def _source(self, task: str, split: str) -> tuple[Any, Any, bool]:
         """What the mailbox gives the workers of a split: each rank's part (True) or the dataset
         it splits into streaming splits (False), with the split's size."""
-        data = self._dataset(task, split)
-        return data, self._size(task, split), isinstance(data, list)
-
-    def _size(self, task: str, split: str):
         from conure_dist.data.pipeline import split_size
 
-        return split_size(self.info, task, split, self._max_rows(split))
+        size = split_size(self.info, task, split, self._max_rows(split))  # it reads a file's schema: not again for the cut
+        data = self._dataset(task, split, size)
+        return data, size, isinstance(data, list)
 
     def _parts(self, split: str) -> bool:
         """Whether a split held in the object store is cut into fixed per-rank parts."""
