@@ -63,6 +63,14 @@ in steps and evaluation, from the manifests; the two runs' metrics must be equal
 
     python jobs/bench.py fixed-cost -- --epochs 1 --retrain-epochs 1
 
+``floor``: the README's demo command against the least any Ray Train + DeepSpeed job costs on
+this machine (a fresh process that starts a local Ray, runs a session whose workers import
+DeepSpeed and meet once in the process group, and exits), each timed from process start to
+exit: what of the demo's wall time is its steps and evaluation, what is that floor, and what
+is the trainer's own overhead beyond it.
+
+    python jobs/bench.py floor
+
 ``all``: every benchmark above in turn into one JSON file (``--tiny``: each at a size that only
 proves it runs, as the tests do).
 
@@ -83,6 +91,8 @@ from dataclasses import asdict, dataclass
 
 import pyarrow
 import pyarrow.parquet as pq
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass(frozen=True)
@@ -496,7 +506,9 @@ def run_serve(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(0)
     users = [[f"i{i}" for i in rng.integers(1, args.num_items + 1, args.seq_len)] for _ in range(args.users)]
     results = {"sizes": sizes, "latency_ms": {}, "in_process_users_per_s": {}, "score_job_users_per_s": {}}
-    for dtype in args.dtypes:
+    dtypes = _dtypes(args.dtypes, torch.device("cpu"), "float32", "bfloat16")
+    results["dtypes"] = dtypes
+    for dtype in dtypes:
         started = time.time()
         model = serve.load(out, dtype=dtype)
         print(f"[{dtype}] load {time.time() - started:.1f} s")
@@ -528,7 +540,7 @@ def run_serve(args: argparse.Namespace) -> dict:
         data = os.path.join(args.workdir, "users.parquet")
         pq.write_table(pa.table({"user": list(range(len(users))), "seq": users}), data)
         connect_ray()
-        for dtype in args.dtypes:
+        for dtype in dtypes:
             for task in args.tasks:
                 summary = score(out, task, data, os.path.join(args.workdir, f"scored-{dtype}-{task}"),
                                 workers=args.workers, cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size,
@@ -786,6 +798,78 @@ def run_fixed_cost(args: argparse.Namespace) -> dict:
     return {**out, "wall_ratio": ratio}
 
 
+def _empty_session(args: argparse.Namespace) -> dict:
+    """The floor's job (in a process of its own): the driver's imports, a local Ray started
+    as the trainer starts it, and a Ray Train session of ``--workers`` workers that import
+    torch and DeepSpeed and meet once in the process group."""
+    t = time.time()
+    import ray.train
+    import torch  # noqa: F401  (a driver of the trainer imports it too)
+    from ray.train.torch import TorchTrainer
+
+    from conure_dist.launch import connect_ray, start_train_helpers
+
+    imported = time.time()
+    connect_ray(args.num_cpus)
+    start_train_helpers()
+    started = time.time()
+
+    def loop(config):
+        import torch.distributed as dist
+
+        from conure_dist.train.engine import prepare_deepspeed_import
+
+        prepare_deepspeed_import()
+        import deepspeed  # noqa: F401
+
+        dist.barrier()
+
+    TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=args.workers, resources_per_worker={"CPU": 1}),
+                 run_config=ray.train.RunConfig(name="floor", storage_path=os.path.join(args.workdir, "ray"))).fit()
+    out = {"imports_s": imported - t, "ray_start_s": started - imported, "session_s": time.time() - started}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def run_floor(args: argparse.Namespace) -> dict:
+    """The demo command against the empty session (:func:`_empty_session`), each in a new
+    process, interleaved ``--repeats`` times."""
+    import statistics
+    import subprocess
+
+    from conure_dist.train.rundir import RunDir
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+    rows = []
+    for i in range(args.repeats):
+        t = time.perf_counter()
+        floor = subprocess.run([sys.executable, os.path.abspath(__file__), "floor-session", "--workers", str(args.workers),
+                                "--num-cpus", str(args.num_cpus), "--workdir", args.workdir],
+                               env=env, check=True, capture_output=True, text=True)
+        floor_wall = time.perf_counter() - t
+        parts = json.loads(next(line for line in reversed(floor.stdout.splitlines()) if line.startswith('{"imports_s"')))
+        run_dir = os.path.join(args.workdir, f"demo-{i}")
+        t = time.perf_counter()
+        subprocess.run([sys.executable, os.path.join(REPO, "jobs", "ttl.py"), "--demo", "--run-dir", run_dir, "--new-run",
+                        "--workers", str(args.workers), *args.extra], env=env, check=True, capture_output=True, text=True)
+        demo_wall = time.perf_counter() - t
+        manifest = RunDir(run_dir).read_json("manifest.json")
+        useful = sum(v["steps_s"] + v["data_wait_s"] + v["validation_s"] + v["test_eval_s"]
+                     for v in (task_time(manifest, task) for task in manifest["tasks"]))
+        rows.append(row := {"demo_wall_s": demo_wall, "floor_wall_s": floor_wall, "floor_parts_s": parts,
+                            "steps_and_eval_s": useful, "share": useful / demo_wall,
+                            "best_share_over_the_floor": useful / (floor_wall + useful),
+                            "own_overhead_s": demo_wall - floor_wall - useful})
+        print(f"demo {demo_wall:.1f} s, of it steps and evaluation {useful:.1f} s ({100 * row['share']:.1f} %); "
+              f"the empty session {floor_wall:.1f} s (imports {parts['imports_s']:.1f}, Ray's start {parts['ray_start_s']:.1f}, "
+              f"session {parts['session_s']:.1f}, the rest exit); the demo's own overhead beyond it "
+              f"{row['own_overhead_s']:.1f} s; at most {100 * row['best_share_over_the_floor']:.1f} % in steps and "
+              "evaluation with no overhead of its own", flush=True)
+    median = {k: statistics.median(r[k] for r in rows) for k in ("demo_wall_s", "floor_wall_s", "steps_and_eval_s",
+                                                                   "own_overhead_s", "share", "best_share_over_the_floor")}
+    return {"runs": rows, "median": median}
+
+
 def _reference_nextitnet(num_items: int, dim: int, kernel: int, dilations: tuple[int, ...]):
     """A plain PyTorch NextItNet written the common way (the goal's reference): ``nn.Conv2d``
     over a ``[B, C, 1, L]`` view with ``ZeroPad2d`` left padding, permuting around every layer."""
@@ -873,9 +957,10 @@ def run_backbone(args: argparse.Namespace) -> dict:
         t = time.perf_counter()
         compiled = torch.compile(model.hidden)
         for bf16 in (False, True):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                compiled(seq).float().sum().backward()
-        print(f"torch.compile: {time.perf_counter() - t:.1f} s to compile (fp32 and bf16)")
+            if ("bf16" if bf16 else "fp32") in _dtypes(args.dtypes, device, "fp32", "bf16", quiet=True):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    compiled(seq).float().sum().backward()
+        print(f"torch.compile: {time.perf_counter() - t:.1f} s to compile")
         variants["conure (masked), torch.compile"] = (compiled, contextlib.nullcontext)
 
     def step(fn, bf16: bool) -> float:
@@ -893,7 +978,8 @@ def run_backbone(args: argparse.Namespace) -> dict:
 
     # Conv FLOPs of one forward; backward costs about twice that (input and weight gradients).
     flops = 3 * 2 * args.batch_size * args.seq_len * args.embed_dim * args.embed_dim * cfg.kernel_size * len(dilations)
-    times = {(name, bf16): [] for name in variants for bf16 in (False, True)}
+    dtypes = _dtypes(args.dtypes, device, "fp32", "bf16")
+    times = {(name, bf16): [] for name in variants for bf16 in (False, True) if ("bf16" if bf16 else "fp32") in dtypes}
     for i in range(args.warmup + args.repeats):  # interleaved, so drift hits every variant alike
         for (name, bf16) in times:
             fn, context = variants[name]
@@ -911,7 +997,21 @@ def run_backbone(args: argparse.Namespace) -> dict:
               f"x{base / med:5.2f} vs fp32 reference  {flops / med / 1e9:6.1f} GFLOP/s (conv)")
     print(f"config: f={args.embed_dim} conv layers={len(dilations)} batch={args.batch_size} seq={args.seq_len} "
           f"device={device} threads={torch.get_num_threads()} repeats={args.repeats} (median), forward + backward")
-    return {"rows": rows, "threads": torch.get_num_threads()}
+    return {"rows": rows, "threads": torch.get_num_threads(), "dtypes": dtypes}
+
+
+def _dtypes(asked: list[str] | None, device, fp32: str, bf16: str, quiet: bool = False) -> list[str]:
+    """The dtypes a benchmark measures: those asked for, else fp32 and, where ``device`` has bf16
+    arithmetic, bf16 (emulated bf16 is not a figure anyone runs with, and takes minutes)."""
+    from conure_dist.train.engine import native_bf16
+
+    if asked:
+        return list(asked)
+    if native_bf16(device):
+        return [fp32, bf16]
+    if not quiet:
+        print(f"{bf16}: not measured, this {device.type} has no bf16 arithmetic (ask for it with --dtypes)")
+    return [fp32]
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1001,6 +1101,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     bb.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     bb.add_argument("--device", default="cpu")
     bb.add_argument("--compile", action="store_true", help="also torch.compile the project's backbone")
+    bb.add_argument("--dtypes", nargs="+", default=None, choices=["fp32", "bf16"],
+                    help="default: fp32, and bf16 where the device has bf16 arithmetic (emulated bf16 takes minutes)")
     bb.set_defaults(func=run_backbone)
     sc = sub.add_parser("scaling", help="T1 stage examples/s: 1 worker x N threads vs N workers x 1 thread (real path)")
     sc.add_argument("--data", default="/tmp/conure-bench/ttl-small", help="prepared dataset (generated if missing)")
@@ -1019,6 +1121,19 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     fc.add_argument("--workdir", default="/tmp/conure-bench/fixed-cost", help="run directories (outside the repo)")
     fc.add_argument("--num-cpus", type=int, default=os.cpu_count())
     fc.add_argument("extra", nargs="*", help="more options of jobs/ttl.py (after --), e.g. -- --epochs 1")
+
+    fl = sub.add_parser("floor", help="the demo command against the least a Ray Train + DeepSpeed job costs here")
+    fl.add_argument("--workers", type=int, default=2)
+    fl.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    fl.add_argument("--repeats", type=int, default=1, help="pairs of runs, interleaved")
+    fl.add_argument("--workdir", default="/tmp/conure-bench/floor", help="run directories (outside the repo)")
+    fl.add_argument("extra", nargs="*", help="more options of jobs/ttl.py (after --), e.g. -- --epochs 1")
+    fl.set_defaults(func=run_floor)
+    fs = sub.add_parser("floor-session", help=argparse.SUPPRESS)  # the floor's own job, in a process of its own
+    fs.add_argument("--workers", type=int, default=2)
+    fs.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    fs.add_argument("--workdir", default="/tmp/conure-bench/floor")
+    fs.set_defaults(func=_empty_session)
     fc.set_defaults(func=run_fixed_cost)
     pr = sub.add_parser("prune", help="owner-map prune of the TTL model: selection vs a stable sort")
     pr.add_argument("--embed-dim", type=int, default=256)
@@ -1036,7 +1151,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     sv.add_argument("--users", type=int, default=2048, help="users scored in the throughput runs")
     sv.add_argument("--batch-size", type=int, default=256)
     sv.add_argument("--tasks", nargs="+", default=["pretrain", "click"])
-    sv.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    sv.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "bfloat16"],
+                    help="default: float32, and bfloat16 where this CPU has bf16 arithmetic")
     sv.add_argument("--repeats", type=int, default=100)
     sv.add_argument("--warmup", type=int, default=5)
     sv.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -1061,7 +1177,7 @@ def all_benchmarks(workdir: str, tiny: bool) -> list[tuple[str, list[str]]]:
     demo = os.path.join(workdir, "demo")
     if tiny:
         return [
-            ("backbone", small_model + quick + ["--batch-size", "4", "--num-items", "50"]),
+            ("backbone", small_model + quick + ["--batch-size", "4", "--num-items", "50", "--dtypes", "fp32", "bf16"]),
             ("masks", small_model + quick + ["--batch-size", "4", "--num-items", "50"]),
             ("t1-step", small_model + ["--num-items", "3000", "--batch-size", "4", "--full-batch", "2",
                                        "--repeats", "1", "--warmup", "0"]),
@@ -1070,7 +1186,8 @@ def all_benchmarks(workdir: str, tiny: bool) -> list[tuple[str, list[str]]]:
             ("item-step", small_model + quick + ["--users", "20", "--batch-size", "32", "--num-items", "50",
                                                  "--labels", "30"]),
             ("serve", small_model + ["--workdir", os.path.join(workdir, "serve"), "--num-items", "300", "--users", "40",
-                                     "--batch-size", "16", "--repeats", "5", "--warmup", "1", "--workers", "1"]),
+                                     "--batch-size", "16", "--repeats", "5", "--warmup", "1", "--workers", "1",
+                                     "--dtypes", "float32", "bfloat16"]),  # bf16 too, emulated or not: the code runs
             ("pipeline", ["--data", demo, "--preset", "demo", "--task", "click", "--epochs", "1", "--workers", "1",
                           "--batch-size", "64", "--seq-len", "25", "--num-cpus", "2"]),
             ("batch-mix", ["--data", demo, "--task", "click", "--batch-size", "64", "--shuffle-rows", "500",
@@ -1080,6 +1197,8 @@ def all_benchmarks(workdir: str, tiny: bool) -> list[tuple[str, list[str]]]:
             ("fixed-cost", ["--data", demo, "--workdir", os.path.join(workdir, "fixed-cost"), "--tasks", "pretrain",
                             "--", "--epochs", "1", "--retrain-epochs", "0", "--max-steps", "2", "--max-eval-rows", "50",
                             "--embed-dim", "16"]),
+            ("floor", ["--workdir", os.path.join(workdir, "floor"), "--", "--tasks", "pretrain", "--epochs", "1",
+                       "--retrain-epochs", "0", "--max-steps", "2", "--max-eval-rows", "50", "--embed-dim", "16"]),
         ]
     return [
         ("backbone", []),
@@ -1096,6 +1215,7 @@ def all_benchmarks(workdir: str, tiny: bool) -> list[tuple[str, list[str]]]:
                      "--steps", "12"]),
         ("fixed-cost", ["--data", demo, "--workdir", os.path.join(workdir, "fixed-cost"), "--tasks", "pretrain,click",
                         "--", "--epochs", "1", "--retrain-epochs", "0", "--max-eval-rows", "200"]),
+        ("floor", ["--workdir", os.path.join(workdir, "floor")]),
     ]
 
 

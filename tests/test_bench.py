@@ -10,7 +10,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_PROCESS = ["backbone", "masks", "t1-step", "prune", "guard", "item-step"]
-WITH_RAY = ["serve", "pipeline", "batch-mix", "scaling", "fixed-cost"]
+WITH_RAY = ["serve", "pipeline", "batch-mix", "scaling", "fixed-cost", "floor"]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,8 @@ def test_all_covers_every_benchmark(bench):
 def test_in_process_benchmarks_at_a_tiny_size(bench, tmp_path):
     r = run_all(bench, tmp_path, IN_PROCESS)
     rows = {(row["variant"], row["dtype"]): row for row in r["backbone"]["rows"]}
-    assert {v for v, _ in rows} == {"reference (Conv2d)", "conure (masked)", "conure, conv1d layout (before)"}
+    assert set(rows) == {(v, d) for v in ("reference (Conv2d)", "conure (masked)", "conure, conv1d layout (before)")
+                         for d in ("fp32", "bf16")}  # --tiny asks for bf16 on any machine
     assert rows["reference (Conv2d)", "fp32"]["speed_vs_fp32_reference"] == 1.0
     assert all(row["ms"] > 0 and row["conv_gflops"] > 0 for row in rows.values())
     assert set(r["masks"]["seconds"]) == {"forward", "forward+backward"}
@@ -73,3 +74,37 @@ def test_ray_benchmarks_at_a_tiny_size(bench, tmp_path):
         assert task["steps_s"] > 0 and task["test_eval_s"] > 0 and task["fixed_s"] > 0
         assert 0 < fixed[group]["steps_and_eval_share"] < 1
     assert fixed["wall_ratio"] == fixed["stage"]["run_wall_s"] / fixed["run"]["run_wall_s"]
+    (floor,) = r["floor"]["runs"]  # the demo command and the empty session, each a process of its own
+    assert 0 < floor["steps_and_eval_s"] < floor["demo_wall_s"] and floor["floor_wall_s"] > 0
+    assert all(v > 0 for v in floor["floor_parts_s"].values())
+    assert floor["own_overhead_s"] == floor["demo_wall_s"] - floor["floor_wall_s"] - floor["steps_and_eval_s"]
+
+
+def test_bf16_is_measured_by_default_only_where_the_hardware_has_it(bench, monkeypatch, capsys):
+    import torch
+
+    from conure_dist.train import engine
+
+    cpu = torch.device("cpu")
+    assert bench._dtypes(["bf16"], cpu, "fp32", "bf16") == ["bf16"]  # asked for: always
+    monkeypatch.setattr(engine, "native_bf16", lambda device: True)
+    assert bench._dtypes(None, cpu, "fp32", "bf16") == ["fp32", "bf16"]
+    monkeypatch.setattr(engine, "native_bf16", lambda device: False)
+    assert bench._dtypes(None, cpu, "float32", "bfloat16") == ["float32"]
+    assert "bfloat16: not measured, this cpu has no bf16 arithmetic" in capsys.readouterr().out
+
+
+def test_native_bf16_follows_torch_cpu_features(monkeypatch):
+    import torch
+
+    from conure_dist.train.engine import emulated_bf16_warning, native_bf16
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert native_bf16("cpu") is False
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert native_bf16("cpu") is True
+    assert emulated_bf16_warning("bf16", torch.device("cpu")) is None and emulated_bf16_warning("fp32", torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert "torch emulates it" in emulated_bf16_warning("bf16", torch.device("cpu"))
+    assert emulated_bf16_warning("fp32", torch.device("cpu")) is None
