@@ -665,13 +665,17 @@ def run_t1_step(args: argparse.Namespace) -> dict:
         print(f"{label}: {med:.2f} s per step (median of {args.repeats}); process peak so far {peak:.1f} GiB")
         del stepper
 
+    if args.baseline_ratios and not set(args.baseline_ratios) <= set(args.ratios):
+        raise SystemExit(f"error: --baseline-ratios {args.baseline_ratios}: each must be one of --ratios {args.ratios}")
     for ratio in args.ratios:
         train = TrainConfig(sample_ratio=ratio)
         loss = make_loss(TaskSpec("t1", "sequence"), train, args.num_items, popularity)
         measure(f"sampled {ratio:.0%}, batch {args.batch_size}: distinct draws, fused Adam (now)", loss, args.batch_size)
-        if args.baseline:
+        baseline = args.baseline and (args.baseline_ratios is None or ratio in args.baseline_ratios)
+        if baseline and args.intermediate:
             measure(f"sampled {ratio:.0%}, batch {args.batch_size}: distinct draws, foreach Adam", loss, args.batch_size,
                     fused=False)
+        if baseline:
             measure(f"sampled {ratio:.0%}, batch {args.batch_size}: every draw, foreach Adam (before)",
                     lambda m, b, g: _replacement_softmax_loss(m, b, g, "t1", loss.sampler, loss.num_sampled),
                     args.batch_size, fused=False)
@@ -800,17 +804,19 @@ def run_fixed_cost(args: argparse.Namespace) -> dict:
 
 def _empty_session(args: argparse.Namespace) -> dict:
     """The floor's job (in a process of its own): the driver's imports, a local Ray started
-    as the trainer starts it, and a Ray Train session of ``--workers`` workers that import
-    torch and DeepSpeed and meet once in the process group."""
+    as the trainer starts it, and a Ray Train session of ``--workers`` workers (each asking for
+    the trainer's default CPUs per worker) that import torch and DeepSpeed and meet once in the
+    process group."""
     t = time.time()
     import ray.train
     import torch  # noqa: F401  (a driver of the trainer imports it too)
     from ray.train.torch import TorchTrainer
 
+    from conure_dist.config import ClusterConfig
     from conure_dist.launch import connect_ray, start_train_helpers
 
     imported = time.time()
-    connect_ray(args.num_cpus)
+    connect_ray()
     start_train_helpers()
     started = time.time()
 
@@ -824,50 +830,74 @@ def _empty_session(args: argparse.Namespace) -> dict:
 
         dist.barrier()
 
-    TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=args.workers, resources_per_worker={"CPU": 1}),
-                 run_config=ray.train.RunConfig(name="floor", storage_path=os.path.join(args.workdir, "ray"))).fit()
-    out = {"imports_s": imported - t, "ray_start_s": started - imported, "session_s": time.time() - started}
-    print(json.dumps(out), flush=True)
-    return out
+    cpus = ClusterConfig().cpus_per_worker
+    TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=args.workers, resources_per_worker={"CPU": cpus}),
+                 run_config=ray.train.RunConfig(name=f"floor-{os.getpid()}", storage_path=os.path.join(args.workdir, "ray"))).fit()
+    return {"imports_s": imported - t, "ray_start_s": started - imported, "session_s": time.time() - started}
+
+
+def _child(argv: list[str], what: str, timeout_s: float) -> float:
+    """Run ``argv`` in a new process (this checkout's package importable); its wall time. A
+    failure raises with the end of its error output."""
+    import subprocess
+
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [path, REPO]))}  # the caller's first
+    t = time.perf_counter()
+    try:
+        subprocess.run(argv, env=env, check=True, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"{what} failed (exit {e.returncode}): {e.stderr[-3000:]}") from None
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{what} did not finish within {timeout_s:.0f} s") from None
+    return time.perf_counter() - t
 
 
 def run_floor(args: argparse.Namespace) -> dict:
     """The demo command against the empty session (:func:`_empty_session`), each in a new
-    process, interleaved ``--repeats`` times."""
+    process, interleaved ``--repeats`` times. "Steps and evaluation" are the demo's optimizer
+    steps with their waits for data, validation and test evaluation (the waits, 0.2-0.3 s in
+    the demo, are fixed cost in ``fixed-cost``); each task's fixed cost is ``task_time``'s."""
     import statistics
-    import subprocess
 
     from conure_dist.train.rundir import RunDir
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
     rows = []
     for i in range(args.repeats):
-        t = time.perf_counter()
-        floor = subprocess.run([sys.executable, os.path.abspath(__file__), "floor-session", "--workers", str(args.workers),
-                                "--num-cpus", str(args.num_cpus), "--workdir", args.workdir],
-                               env=env, check=True, capture_output=True, text=True)
-        floor_wall = time.perf_counter() - t
-        parts = json.loads(next(line for line in reversed(floor.stdout.splitlines()) if line.startswith('{"imports_s"')))
+        parts_file = os.path.join(args.workdir, f"floor-{i}.json")
+        floor_wall = _child([sys.executable, os.path.abspath(__file__), "floor-session", "--workers", str(args.workers),
+                             "--workdir", args.workdir, "--json", parts_file], "the empty session", args.timeout)
+        with open(parts_file) as f:
+            parts = json.load(f)
         run_dir = os.path.join(args.workdir, f"demo-{i}")
-        t = time.perf_counter()
-        subprocess.run([sys.executable, os.path.join(REPO, "jobs", "ttl.py"), "--demo", "--run-dir", run_dir, "--new-run",
-                        "--workers", str(args.workers), *args.extra], env=env, check=True, capture_output=True, text=True)
-        demo_wall = time.perf_counter() - t
+        demo_wall = _child([sys.executable, os.path.join(REPO, "jobs", "ttl.py"), "--demo", "--run-dir", run_dir,
+                            "--new-run", "--workers", str(args.workers), *args.extra], "the demo", args.timeout)
         manifest = RunDir(run_dir).read_json("manifest.json")
-        useful = sum(v["steps_s"] + v["data_wait_s"] + v["validation_s"] + v["test_eval_s"]
-                     for v in (task_time(manifest, task) for task in manifest["tasks"]))
+        tasks = {task: task_time(manifest, task) for task in manifest["tasks"]}
+        useful = sum(v["steps_s"] + v["data_wait_s"] + v["validation_s"] + v["test_eval_s"] for v in tasks.values())
         rows.append(row := {"demo_wall_s": demo_wall, "floor_wall_s": floor_wall, "floor_parts_s": parts,
                             "steps_and_eval_s": useful, "share": useful / demo_wall,
                             "best_share_over_the_floor": useful / (floor_wall + useful),
-                            "own_overhead_s": demo_wall - floor_wall - useful})
+                            "own_overhead_s": demo_wall - floor_wall - useful,
+                            "fixed_s_per_task": {task: v["fixed_s"] for task, v in tasks.items()}})
+        later = list(tasks)[1:]
         print(f"demo {demo_wall:.1f} s, of it steps and evaluation {useful:.1f} s ({100 * row['share']:.1f} %); "
               f"the empty session {floor_wall:.1f} s (imports {parts['imports_s']:.1f}, Ray's start {parts['ray_start_s']:.1f}, "
-              f"session {parts['session_s']:.1f}, the rest exit); the demo's own overhead beyond it "
-              f"{row['own_overhead_s']:.1f} s; at most {100 * row['best_share_over_the_floor']:.1f} % in steps and "
-              "evaluation with no overhead of its own", flush=True)
+              f"session {parts['session_s']:.1f}, the rest the interpreter's start and exit); the demo's own overhead "
+              f"beyond it {row['own_overhead_s']:.1f} s; at most {100 * row['best_share_over_the_floor']:.1f} % in steps and "
+              "evaluation with no overhead of its own"
+              + (f"; fixed cost of each task after the first {min(tasks[t]['fixed_s'] for t in later):.2f}-"
+                 f"{max(tasks[t]['fixed_s'] for t in later):.2f} s" if later else ""), flush=True)
     median = {k: statistics.median(r[k] for r in rows) for k in ("demo_wall_s", "floor_wall_s", "steps_and_eval_s",
                                                                    "own_overhead_s", "share", "best_share_over_the_floor")}
     return {"runs": rows, "median": median}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"at least 1, got {value}")
+    return value
 
 
 def _reference_nextitnet(num_items: int, dim: int, kernel: int, dilations: tuple[int, ...]):
@@ -929,6 +959,8 @@ def run_backbone(args: argparse.Namespace) -> dict:
     from conure_dist.model import ConureModel, Stage
     from conure_dist.model.masked import CausalConv1d
 
+    if args.dtypes and "fp32" not in args.dtypes:
+        raise SystemExit("error: --dtypes: include fp32 (the fp32 reference is what every variant is compared with)")
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -1086,6 +1118,10 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     t1.add_argument("--full-batch", type=int, nargs="+", default=[2, 8],
                     help="batches of the exact-softmax comparison (0: skip)")
     t1.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the every-draw baseline")
+    t1.add_argument("--baseline-ratios", type=float, nargs="+", default=None,
+                    help="the sample ratios the baselines are measured at (default: every one of --ratios)")
+    t1.add_argument("--no-intermediate", dest="intermediate", action="store_false",
+                    help="skip the step between the baseline and now (distinct draws, foreach Adam)")
     t1.add_argument("--repeats", type=int, default=3)
     t1.add_argument("--warmup", type=int, default=1)
     t1.add_argument("--threads", type=int, default=0)
@@ -1121,20 +1157,19 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     fc.add_argument("--workdir", default="/tmp/conure-bench/fixed-cost", help="run directories (outside the repo)")
     fc.add_argument("--num-cpus", type=int, default=os.cpu_count())
     fc.add_argument("extra", nargs="*", help="more options of jobs/ttl.py (after --), e.g. -- --epochs 1")
+    fc.set_defaults(func=run_fixed_cost)
 
     fl = sub.add_parser("floor", help="the demo command against the least a Ray Train + DeepSpeed job costs here")
-    fl.add_argument("--workers", type=int, default=2)
-    fl.add_argument("--num-cpus", type=int, default=os.cpu_count())
-    fl.add_argument("--repeats", type=int, default=1, help="pairs of runs, interleaved")
+    fl.add_argument("--workers", type=int, default=2, help="the demo's workers and the empty session's")
+    fl.add_argument("--repeats", type=_positive_int, default=1, help="pairs of runs, interleaved")
+    fl.add_argument("--timeout", type=float, default=1800, help="seconds each process may take")
     fl.add_argument("--workdir", default="/tmp/conure-bench/floor", help="run directories (outside the repo)")
     fl.add_argument("extra", nargs="*", help="more options of jobs/ttl.py (after --), e.g. -- --epochs 1")
     fl.set_defaults(func=run_floor)
-    fs = sub.add_parser("floor-session", help=argparse.SUPPRESS)  # the floor's own job, in a process of its own
+    fs = sub.add_parser("floor-session")  # the floor's own job, run by `floor` in a process of its own
     fs.add_argument("--workers", type=int, default=2)
-    fs.add_argument("--num-cpus", type=int, default=os.cpu_count())
     fs.add_argument("--workdir", default="/tmp/conure-bench/floor")
     fs.set_defaults(func=_empty_session)
-    fc.set_defaults(func=run_fixed_cost)
     pr = sub.add_parser("prune", help="owner-map prune of the TTL model: selection vs a stable sort")
     pr.add_argument("--embed-dim", type=int, default=256)
     pr.add_argument("--repeat-dilations", type=int, default=4)
@@ -1171,7 +1206,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def all_benchmarks(workdir: str, tiny: bool) -> list[tuple[str, list[str]]]:
     """Each benchmark with the arguments ``all`` runs it with: sizes that keep the whole run
-    under 15 minutes on a 2-core machine, or (``tiny``) sizes that only prove it runs."""
+    under 15 minutes on a 2-core machine (every benchmark but ``fixed-cost``), or (``tiny``)
+    every benchmark at a size that only proves it runs."""
     small_model = ["--embed-dim", "16", "--repeat-dilations", "1", "--seq-len", "8"]
     quick = ["--repeats", "2", "--warmup", "1"]
     demo = os.path.join(workdir, "demo")
@@ -1203,18 +1239,18 @@ def all_benchmarks(workdir: str, tiny: bool) -> list[tuple[str, list[str]]]:
     return [
         ("backbone", []),
         ("masks", ["--repeats", "15"]),
-        ("t1-step", ["--repeats", "2", "--full-batch", "8"]),
+        ("t1-step", ["--repeats", "2", "--full-batch", "8", "--no-intermediate", "--baseline-ratios", "0.2"]),
         ("prune", ["--no-embedding-baseline"]),
         ("guard", []),
         ("item-step", []),
-        ("serve", ["--workdir", os.path.join(workdir, "serve"), "--repeats", "30", "--users", "1024", "--tasks", "pretrain"]),
+        ("serve", ["--workdir", os.path.join(workdir, "serve"), "--repeats", "30", "--users", "512", "--tasks", "pretrain"]),
         ("pipeline", ["--data", os.path.join(workdir, "ttl-small"), "--max-files", "3", "--epochs", "2",
                       "--workers", "1", "--readers", "files"]),
         ("batch-mix", ["--data", demo, "--preset", "demo", "--task", "click", "--batch-size", "256"]),
         ("scaling", ["--data", os.path.join(workdir, "ttl-small"), "--workdir", os.path.join(workdir, "scaling"),
-                     "--steps", "12"]),
-        ("fixed-cost", ["--data", demo, "--workdir", os.path.join(workdir, "fixed-cost"), "--tasks", "pretrain,click",
-                        "--", "--epochs", "1", "--retrain-epochs", "0", "--max-eval-rows", "200"]),
+                     "--steps", "8"]),
+        # fixed-cost (one worker group per stage against the session, 131 s here) is left out:
+        # floor measures the session's fixed cost per task on the demo itself (run it by hand).
         ("floor", ["--workdir", os.path.join(workdir, "floor")]),
     ]
 

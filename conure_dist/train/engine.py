@@ -23,8 +23,8 @@ def native_bf16(device: torch.device | str = "cpu") -> bool:
     with AVX512-BF16 or AMX. Elsewhere torch emulates bf16 with fp32 instructions: on an
     AVX2-only CPU the backbone's step took 17x as long in bf16 as in fp32 (BENCHMARKS.md)."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # not counting emulation (pre-Ampere cards)
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":  # torch's own CPU feature checks (its CPU module keeps them private)
         checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
         return any(check() for check in checks if check is not None)
@@ -35,8 +35,9 @@ def emulated_bf16_warning(precision: str, device: torch.device) -> str | None:
     """The warning for a stage asked to run in bf16 on a device that would emulate it."""
     if precision != "bf16" or native_bf16(device):
         return None
+    needs = "a GPU of compute capability 8.0 or later" if device.type == "cuda" else "a CPU with AVX512-BF16 or AMX"
     return (f"warning: cluster.precision is bf16, but this {device.type} has no bf16 arithmetic in hardware "
-            "(a CPU needs AVX512-BF16 or AMX): torch emulates it, many times slower than fp32")
+            f"({needs}): torch emulates it, many times slower than fp32")
 
 
 @dataclass(frozen=True)
