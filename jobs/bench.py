@@ -71,8 +71,9 @@ is the trainer's own overhead beyond it.
 
     python jobs/bench.py floor
 
-``all``: every benchmark above in turn into one JSON file (``--tiny``: each at a size that only
-proves it runs, as the tests do).
+``all``: every benchmark above but ``fixed-cost`` in turn into one JSON file, in under 15
+minutes on a 2-core machine (``--tiny``: every one, each at a size that only proves it runs,
+as the tests do).
 
     python jobs/bench.py all --out bench.json
 """
@@ -1195,7 +1196,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     sv.add_argument("--workers", type=int, default=2, help="score job actors")
     sv.add_argument("--cpus-per-worker", type=float, default=0.5)
     sv.set_defaults(func=run_serve)
-    al = sub.add_parser("all", help="every benchmark in turn, one JSON file (see ALL)")
+    al = sub.add_parser("all", help="every benchmark but fixed-cost in turn, one JSON file (--tiny: every one)")
     al.add_argument("--out", required=True, help="the JSON file with every benchmark's result")
     al.add_argument("--workdir", default="/tmp/conure-bench", help="generated data and models (outside the repo)")
     al.add_argument("--tiny", action="store_true", help="each benchmark at a tiny size: proves they run, measures nothing")

@@ -21,7 +21,7 @@ from conure_dist.model import ConureModel, Weights
 def native_bf16(device: torch.device | str = "cpu") -> bool:
     """Whether ``device`` computes in bf16 in hardware: a CUDA device that supports it, or a CPU
     with AVX512-BF16 or AMX. Elsewhere torch emulates bf16 with fp32 instructions: on an
-    AVX2-only CPU the backbone's step took 17x as long in bf16 as in fp32 (BENCHMARKS.md)."""
+    AVX2-only CPU the backbone's step took 17-19x as long in bf16 as in fp32 (BENCHMARKS.md)."""
     device = torch.device(device)
     if device.type == "cuda":  # not counting emulation (pre-Ampere cards)
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
