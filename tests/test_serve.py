@@ -196,6 +196,23 @@ def test_bfloat16_serving_is_close_to_float32(exported):
     assert torch.allclose(a, b, atol=0.1, rtol=0.05) and not torch.equal(a, b)
 
 
+def test_bfloat16_serving_warns_where_the_hardware_would_emulate_it(exported, monkeypatch, caplog):
+    from conure_dist.train import engine
+
+    _, model_dir = exported["conure"]
+    monkeypatch.setattr(engine, "native_bf16", lambda device: False)
+    with caplog.at_level("WARNING", logger="conure_dist"):
+        serve.load(model_dir, dtype="bfloat16")
+        serve.load(model_dir)
+    assert [r.getMessage() for r in caplog.records if "bfloat16" in r.getMessage()] == [
+        "serving in bfloat16 on a cpu without bf16 arithmetic in hardware: torch emulates it, many times slower than float32"]
+    caplog.clear()
+    monkeypatch.setattr(engine, "native_bf16", lambda device: True)
+    with caplog.at_level("WARNING", logger="conure_dist"):
+        serve.load(model_dir, dtype="bfloat16")
+    assert not [r for r in caplog.records if "bfloat16" in r.getMessage()]
+
+
 def test_export_refuses_what_it_cannot_serve(runs, tmp_path):
     with pytest.raises(ModelFileError, match="no such task"):
         serve.export_model(runs["conure"], str(tmp_path / "a"), as_of="nope")

@@ -67,6 +67,15 @@ class ServedModel:
         if dtype not in DTYPES:
             raise ValueError(f"dtype: one of {sorted(DTYPES)}, got {dtype!r}")
         self.doc, self.device, self.dtype = doc, torch.device(device), DTYPES[dtype]
+        if self.dtype == torch.bfloat16:
+            from conure_dist.train.engine import native_bf16
+
+            if not native_bf16(self.device):
+                import logging
+
+                logging.getLogger("conure_dist").warning(
+                    f"serving in bfloat16 on a {self.device.type} without bf16 arithmetic in hardware: torch emulates "
+                    "it, many times slower than float32")
         self.specs = {t["name"]: TaskSpec(name=t["name"], kind=t["kind"], num_labels=t["num_labels"]) for t in doc["tasks"]}
         self.tasks: tuple[str, ...] = tuple(self.specs)
         self.seq_len: int = int(doc["seq_len"])
