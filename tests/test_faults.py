@@ -529,6 +529,105 @@ def test_a_stage_checkpoint_is_checked_against_the_digests_its_ranks_recorded(tm
     assert _own_checkpoint(Latest, "click-retrain") is None and _own_checkpoint(None, "click-train") is None
 
 
+def _stage_checkpoint_dir(d) -> None:
+    """A stage's final checkpoint as its ranks write it: DeepSpeed state, rank 0's best weights
+    and result, each rank's checksums."""
+    import torch
+    from safetensors.torch import save_file
+
+    from conure_dist.train.worker import BEST_FILE, PROGRESS_FILE, RESULT_FILE, _write_checksums
+
+    (d / "stage").mkdir(parents=True)
+    (d / "stage" / "mp_rank_00_model_states.pt").write_bytes(b"x" * 1000)
+    (d / PROGRESS_FILE).write_text(json.dumps({"step": 6, "world_size": 1}))
+    (d / RESULT_FILE).write_text(json.dumps({"progress": {"step": 6}, "timing": {"first_step": 1.0}}))
+    save_file({"w": torch.arange(6, dtype=torch.float32)}, str(d / BEST_FILE))
+    _write_checksums(str(d), rank=0)
+
+
+def test_the_driver_reads_a_stages_result_alone_and_checked_locally_and_from_object_storage(tmp_path, s3_server):
+    import pyarrow.fs as pafs
+    import torch
+
+    from conure_dist import storage
+    from conure_dist.train.worker import BEST_FILE, RESULT_FILE, ResultDamaged, read_stage_result
+
+    d = tmp_path / "final-000000006-e1-a1-pretrain-train"
+    _stage_checkpoint_dir(d)
+    bucket = s3_server()
+    uri = f"s3://{bucket}/run/ray/id/session/{d.name}"
+    for rel in storage.list_files(str(d)):
+        storage.write_bytes(f"{uri}/{rel}", (d / rel).read_bytes())
+    for location in (str(d), uri):
+        best, outcome = read_stage_result(location)
+        assert torch.equal(best["w"], torch.arange(6, dtype=torch.float32))
+        assert outcome == {"progress": {"step": 6}, "timing": {"first_step": 1.0}}
+    # Nothing but those files and the checksums is read: the DeepSpeed state may be anything.
+    storage.write_bytes(f"{uri}/stage/mp_rank_00_model_states.pt", b"")
+    assert read_stage_result(uri)[1]["progress"] == {"step": 6}
+
+    _flip_last_byte(str(d / BEST_FILE))
+    with pytest.raises(ResultDamaged, match=f"{d / BEST_FILE} does not match the checksum recorded when it was written"):
+        read_stage_result(str(d))
+    storage.write_bytes(f"{uri}/{RESULT_FILE}", b'{"progress": {}}')
+    with pytest.raises(ResultDamaged, match=f"{uri}/{RESULT_FILE} does not match the checksum"):
+        read_stage_result(uri)
+    (d / "checksums-rank0.json").unlink()
+    with pytest.raises(ResultDamaged, match="checksums-rank0.json: .*not found"):
+        read_stage_result(str(d))
+    fs, inner = storage.filesystem(uri)
+    fs.delete_file(f"{inner}/{BEST_FILE}")
+    with pytest.raises(ResultDamaged, match=f"{uri}/{BEST_FILE}: .*not found"):
+        read_stage_result(uri)
+    assert fs.get_file_info(inner).type == pafs.FileType.Directory
+
+
+def test_a_resumed_rank_downloads_its_checkpoint_from_object_storage_once(tmp_path, s3_server, monkeypatch):
+    """The intact checkpoint is checked and then loaded from the same local directory; a damaged
+    one's download is released before the next is tried."""
+    import contextlib
+
+    import torch
+    from ray.train import Checkpoint
+
+    from conure_dist import storage
+    from conure_dist.train.worker import PROGRESS_FILE, _intact_checkpoint
+
+    bucket = s3_server()
+    session = f"s3://{bucket}/run/ray/id/session"
+    for step in (4, 6):
+        d = tmp_path / f"step-00000000{step}-e0-a1-click-train"
+        _stage_checkpoint_dir(d)
+        for rel in storage.list_files(str(d)):
+            storage.write_bytes(f"{session}/{d.name}/{rel}", (d / rel).read_bytes())
+    downloads = []
+    real = Checkpoint.as_directory
+
+    @contextlib.contextmanager
+    def counted(self):
+        with real(self) as local:
+            downloads.append(self.path.rsplit("/", 1)[-1])
+            yield local
+
+    monkeypatch.setattr(Checkpoint, "as_directory", counted)
+    fs, inner = storage.filesystem(session)
+    latest = Checkpoint(path=f"{inner}/step-000000006-e0-a1-click-train", filesystem=fs)
+    cpu = torch.device("cpu")
+    with contextlib.ExitStack() as held:
+        checkpoint, d, damaged = _intact_checkpoint(latest, 0, cpu, held)
+        assert checkpoint is latest and damaged == [] and downloads == ["step-000000006-e0-a1-click-train"]
+        assert json.loads(open(os.path.join(d, PROGRESS_FILE)).read())["step"] == 6  # still there to load from
+    assert not os.path.exists(d)  # released when the caller is done with it
+
+    downloads.clear()
+    storage.write_bytes(f"{session}/step-000000006-e0-a1-click-train/stage/mp_rank_00_model_states.pt", b"y" * 1000)
+    with contextlib.ExitStack() as held:
+        checkpoint, d, damaged = _intact_checkpoint(latest, 0, cpu, held)
+        assert checkpoint.path.endswith("step-000000004-e0-a1-click-train") and os.path.isdir(d)
+        assert [path.rsplit("/", 1)[-1] for path, _ in damaged] == ["step-000000006-e0-a1-click-train"]
+        assert downloads == ["step-000000006-e0-a1-click-train", "step-000000004-e0-a1-click-train"]
+
+
 def test_the_checker_finds_a_status_report_that_does_not_match_the_ledger(finished, tmp_path):
     from conure_dist.train.invariants import check_run_invariants
 

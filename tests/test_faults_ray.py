@@ -71,6 +71,11 @@ def test_a_worker_killed_mid_stage_resumes_from_its_checkpoint_and_changes_nothi
     assert progress["step"] == 12 and progress["epoch"] == 2  # every step of the stage was taken
     for key in ("pretrain/train", "pretrain/retrain", "click/retrain"):
         assert not manifest["stages"][key]["progress"]["resumed_at"], key
+    # Ray Train keeps the session's latest two checkpoints (click/train's and click/retrain's final
+    # ones here): a stage's record names its checkpoint only while that is kept.
+    named = {key: stage["checkpoint"] for key, stage in manifest["stages"].items() if "checkpoint" in stage}
+    assert "click/retrain" in named and not {"pretrain/train", "pretrain/retrain"} & set(named), named
+    assert all(os.path.isfile(os.path.join(path, "result.json")) for path in named.values()), named
     # pretrain, committed before the kill: what serves it is bit for bit what it was at its commit
     # (and the owner map only gained click's entries, capacity as configured, checksums match).
     assert check_run_invariants(run_dir) == []

@@ -10,7 +10,6 @@ pick up another run's checkpoints.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -24,7 +23,7 @@ import torch
 from conure_dist.config import ExperimentConfig, TaskPlan
 from conure_dist.model import OwnerMap, Stage, Weights
 from conure_dist.train.rundir import RunDir, RunDirError
-from conure_dist.train.worker import BEST_FILE, RESULT_FILE, peak_rss_bytes, session_worker
+from conure_dist.train.worker import ResultDamaged, peak_rss_bytes, read_stage_result, session_worker
 
 if TYPE_CHECKING:
     from conure_dist.train.manifest import Manifest
@@ -168,8 +167,6 @@ class RayExecutor:
     # -- StageExecutor -----------------------------------------------------------------
     def train(self, task: TaskPlan, number: int, stage: Stage, weights: Weights, owners: OwnerMap | None,
               scope: str = "all", first: TaskPlan | None = None) -> Weights:
-        from safetensors.torch import load_file
-
         name = task.spec.name
         if scope == "joint":
             raise ValueError(f"task {name}: joint training with the first task (method mtl) runs in process only "
@@ -199,19 +196,19 @@ class RayExecutor:
         self.manifest.stage_started(f"{name}/{stage.value}")
         answer = self._run("train", config, datasets, f"task {name}, {stage.value} stage")
         finished = time.time()
-        from ray.train import Checkpoint
-
-        checkpoint = Checkpoint(path=self.rundir.storage_uri("ray", self.run_id, SESSION, answer["checkpoint"]))
-        with checkpoint.as_directory() as d:
-            best = load_file(os.path.join(d, BEST_FILE))
-            outcome = json.load(open(os.path.join(d, RESULT_FILE)))
+        checkpoint = self.rundir.storage_uri("ray", self.run_id, SESSION, answer["checkpoint"])
+        try:
+            best, outcome = read_stage_result(checkpoint)
+        except ResultDamaged as e:
+            raise StageFailed(f"task {name}, {stage.value} stage: its result cannot be read back ({e}); a rerun "
+                              "resumes the stage from its last intact checkpoint") from None
         timing = outcome["timing"]
         overhead = {k: timing[k] for k in ("peak_rss_bytes", "peak_gpu_bytes", "memory_milestones") if k in timing}
         overhead["driver_peak_rss_bytes"] = peak_rss_bytes()
         if timing.get("first_step") and timing.get("last_step"):
             overhead.update(startup_s=round(timing["first_step"] - started, 2), teardown_s=round(finished - timing["last_step"], 2))
         self.manifest.stage_trained(f"{name}/{stage.value}", outcome["progress"], fit_seconds=round(finished - started, 2),
-                                    checkpoint=checkpoint.path, **overhead)
+                                    checkpoint=checkpoint, **overhead)
         return best
 
     def evaluate(self, tasks: Sequence[TaskPlan], weights: Weights, owners: OwnerMap | None,

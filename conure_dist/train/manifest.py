@@ -14,6 +14,7 @@ import hashlib
 import json
 from typing import Any, Mapping, Sequence
 
+from conure_dist import storage
 from conure_dist.config import ExperimentConfig
 from conure_dist.train.rundir import MANIFEST, RunDir, now
 
@@ -126,8 +127,14 @@ class Manifest:
         self.save()
 
     def stage_trained(self, key: str, progress: dict, **info: Any) -> None:
+        """Record a trained stage (``info``: its timings, memory, and with Ray its final
+        ``checkpoint``). Ray Train keeps a session's latest two checkpoints: an earlier stage's
+        record stops naming its checkpoint once that is found deleted."""
         s = self._stage(key)
         s.update(progress={k: v for k, v in progress.items() if k != "history"}, history=progress.get("history", []), **info)
+        for other, record in self.data["stages"].items():
+            if other != key and "checkpoint" in record and not storage.exists(record["checkpoint"]):
+                del record["checkpoint"]
         self.save()
 
     def step_done(self, key: str, **info: Any) -> None:

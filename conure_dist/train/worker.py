@@ -16,6 +16,7 @@ weights, instead of failing on it at every retry.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -39,7 +40,7 @@ from conure_dist.model import ConureModel, OwnerMap, Stage
 from conure_dist.train.engine import DeepSpeedStepper, EngineSettings, emulated_bf16_warning
 from conure_dist.train.loop import StageProgress, run_stage
 from conure_dist.train.losses import make_loss
-from conure_dist.train.rundir import RunDir
+from conure_dist.train.rundir import RunDir, digest
 
 PROGRESS_FILE, BEST_FILE, RESULT_FILE = "progress.json", "best.safetensors", "result.json"
 
@@ -260,18 +261,20 @@ def stage_command(config: dict[str, Any]) -> dict[str, Any]:
         _log(f"[{spec.name}/{stage.value}] {world} workers began {entered - config['fit_started']:.1f}s after the stage "
              f"was asked for; model and DeepSpeed engine ready in {time.time() - entered:.1f}s", events)
     progress, best, finished_before = StageProgress(world_size=world), None, False
-    # Checked before anything of it is loaded: a damaged checkpoint leaves the model as built.
-    checkpoint, damaged = _intact_checkpoint(_own_checkpoint(ray.train.get_checkpoint(), key), rank, device)
-    if rank == 0 and damaged:
-        for path, why in damaged:
-            _log(f"{spec.name}/{stage.value}  the checkpoint {path} is damaged ({why})", events, "info")
-        _log(f"{spec.name}/{stage.value}  " + (f"resuming from the earlier checkpoint {checkpoint.path}" if checkpoint
-                                              else "no intact checkpoint: the stage starts again from its input weights"),
-             events, "info")
-    if damaged and checkpoint is None:
-        progress.resumed_at.append(0)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
+    with contextlib.ExitStack() as held:
+        # Checked before anything of it is loaded: a damaged checkpoint leaves the model as
+        # built. The intact one stays where it was checked (downloaded once, from object storage).
+        checkpoint, d, damaged = _intact_checkpoint(_own_checkpoint(ray.train.get_checkpoint(), key), rank, device,
+                                                    held)
+        if rank == 0 and damaged:
+            for path, why in damaged:
+                _log(f"{spec.name}/{stage.value}  the checkpoint {path} is damaged ({why})", events, "info")
+            _log(f"{spec.name}/{stage.value}  " + (f"resuming from the earlier checkpoint {checkpoint.path}" if checkpoint
+                                                  else "no intact checkpoint: the stage starts again from its input weights"),
+                 events, "info")
+        if damaged and checkpoint is None:
+            progress.resumed_at.append(0)
+        if checkpoint is not None:
             saved = StageProgress.from_dict(json.loads(open(os.path.join(d, PROGRESS_FILE)).read()))
             finished_before = os.path.exists(os.path.join(d, RESULT_FILE))
             if finished_before:
@@ -282,13 +285,13 @@ def stage_command(config: dict[str, Any]) -> dict[str, Any]:
                 progress.resumed_at.append(progress.step)  # in the stage's record: the steps a failure cost
                 if os.path.exists(os.path.join(d, BEST_FILE)):
                     best = load_file(os.path.join(d, BEST_FILE))
-        if rank == 0 and progress is saved:
-            _log(f"{spec.name}/{stage.value}  resumed at epoch {progress.epoch}, step {progress.step}", events, "info")
-        elif rank == 0:
-            # Each rank's data order and optimizer shards belong to the world size they were
-            # made with: a stage interrupted with another number of workers starts over.
-            _log(f"[{spec.name}/{stage.value}] the checkpoint was taken with {saved.world_size} workers, this "
-                 f"fit has {world}: the stage starts again from its input weights", events, "info")
+            if rank == 0 and progress is saved:
+                _log(f"{spec.name}/{stage.value}  resumed at epoch {progress.epoch}, step {progress.step}", events, "info")
+            elif rank == 0:
+                # Each rank's data order and optimizer shards belong to the world size they were
+                # made with: a stage interrupted with another number of workers starts over.
+                _log(f"[{spec.name}/{stage.value}] the checkpoint was taken with {saved.world_size} workers, this "
+                     f"fit has {world}: the stage starts again from its input weights", events, "info")
 
     popularity = None
     if config.get("popularity"):
@@ -460,6 +463,46 @@ def _checkpoint_damage(d: str, rank: int, device: torch.device) -> str:
     return problem
 
 
+class ResultDamaged(RuntimeError):
+    """A stage's final checkpoint does not hold what its rank 0 wrote there."""
+
+
+def read_stage_result(location: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The best weights and the result (progress, timings) of the stage whose final checkpoint
+    is at ``location`` (a local path or a URI), checked against the digests rank 0 recorded.
+    Only those files are read, not every rank's DeepSpeed state beside them (~6 GB at TTL size,
+    all of it downloaded to read them before)."""
+    from safetensors.torch import load, load_file
+
+    sums_file = storage.join(location, CHECKSUMS_FILE.format(rank=0))
+    try:
+        sums = json.loads(storage.read_bytes(sums_file))
+    except FileNotFoundError:
+        raise ResultDamaged(f"{sums_file}: not found") from None
+    except ValueError as e:
+        raise ResultDamaged(f"{sums_file}: not valid JSON ({e})") from None
+    out: dict[str, Any] = {}
+    for name in (BEST_FILE, RESULT_FILE):
+        path = storage.join(location, name)
+        if name not in sums:
+            raise ResultDamaged(f"{path}: rank 0 recorded no checksum for it")
+        try:
+            if storage.is_uri(location):
+                data = storage.read_bytes(path)
+                found = digest(data)
+            else:  # a local file is checked as it is read, then loaded in place
+                data, found = None, _file_digest(path)
+        except FileNotFoundError:
+            raise ResultDamaged(f"{path}: not found") from None
+        if found != sums[name]:
+            raise ResultDamaged(f"{path} does not match the checksum recorded when it was written")
+        if name == BEST_FILE:
+            out[name] = load(data) if data is not None else load_file(path)
+        else:
+            out[name] = json.loads(data if data is not None else open(path, "rb").read())
+    return out[BEST_FILE], out[RESULT_FILE]
+
+
 def _checkpoint_step(name: str) -> int | None:
     """The step in a checkpoint directory's name (``step-000000006-e0-a...``, ``final-...``)."""
     head, _, rest = name.partition("-")
@@ -506,20 +549,24 @@ def _stage_checkpoints(latest):
         yield Checkpoint(path=f"{parent}/{other}", filesystem=latest.filesystem)
 
 
-def _intact_checkpoint(latest, rank: int, device: torch.device):
-    """The checkpoint to resume from: the latest one, or when it is damaged the newest intact
-    earlier one of the stage (None: none is intact, or there is none). Also returns the damaged
-    ones passed over, as (path, why)."""
+def _intact_checkpoint(latest, rank: int, device: torch.device, held: contextlib.ExitStack):
+    """The checkpoint to resume from and the local directory that holds it, open until ``held``
+    closes: the latest one, or when it is damaged the newest intact earlier one of the stage
+    ((None, None): none is intact, or there is none). Also returns the damaged ones passed over,
+    as (path, why). A checkpoint on object storage is downloaded once, to be checked and then
+    loaded from the same directory; a damaged one's download is released at once."""
     damaged: list[tuple[str, str]] = []
     if latest is None:
-        return None, damaged
+        return None, None, damaged
     for candidate in _stage_checkpoints(latest):
-        with candidate.as_directory() as d:
+        with contextlib.ExitStack() as this:
+            d = this.enter_context(candidate.as_directory())
             problem = _checkpoint_damage(d, rank, device)
-        if not problem:
-            return candidate, damaged
+            if not problem:
+                held.enter_context(this.pop_all())
+                return candidate, d, damaged
         damaged.append((candidate.path, problem))
-    return None, damaged
+    return None, None, damaged
 
 
 def hash_task(name: str, stage: Stage) -> int:
