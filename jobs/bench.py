@@ -35,7 +35,9 @@ one user (p50 / p99); users/s of batch prediction in process and of `conure-dist
 ``t1-step``: one T1 training step at 646K items (f = 256, 16 conv layers, batch 32 x 100,
 torch Adam): sampled softmax at 20 % and 5 % with distinct draws and torch's fused Adam,
 against distinct draws with the foreach Adam and against every draw a column with the
-foreach Adam (before); and the exact softmax against sampled on a batch small enough for it.
+foreach Adam (before); the "now" step also in a process started as the trainer's workers are
+(glibc huge pages for large blocks, ``allocator_env``); and the exact softmax against sampled on
+a batch small enough for it.
 
     python jobs/bench.py t1-step
 
@@ -632,6 +634,27 @@ def run_t1_step(args: argparse.Namespace) -> dict:
     from conure_dist.train.loop import TorchStepper
     from conure_dist.train.losses import make_loss
 
+    from conure_dist.train.engine import allocator_env
+
+    if args.baseline_ratios and not set(args.baseline_ratios) <= set(args.ratios):
+        raise SystemExit(f"error: --baseline-ratios {args.baseline_ratios}: each must be one of --ratios {args.ratios}")
+    results = {}
+    workers = allocator_env()
+    if args.huge_pages and os.environ.get("GLIBC_TUNABLES", "") != workers["GLIBC_TUNABLES"]:
+        # The trainer's workers run under allocator_env(), which glibc reads when a process
+        # starts: the same "now" step, in a process of its own started that way.
+        print(f"now, in a process under the workers' allocator (GLIBC_TUNABLES={workers['GLIBC_TUNABLES']}):", flush=True)
+        sizes = ["--num-items", args.num_items, "--embed-dim", args.embed_dim, "--repeat-dilations", args.repeat_dilations,
+                 "--seq-len", args.seq_len, "--batch-size", args.batch_size, "--ratios", *args.ratios,
+                 "--repeats", args.repeats, "--warmup", args.warmup, "--threads", args.threads]
+        with tempfile.TemporaryDirectory(prefix="t1-step-") as tmp:
+            out = os.path.join(tmp, "now.json")
+            _child([sys.executable, os.path.abspath(__file__), "t1-step", *map(str, sizes), "--no-baseline",
+                    "--full-batch", "0", "--json", out], "the T1 step under the workers' allocator", 3600, env=workers,
+                   echo=True)
+            measured = json.load(open(out))["seconds_per_step"]
+        for label, seconds in measured.items():
+            results[label.replace("fused Adam (now)", "fused Adam, huge pages (now, as the workers run it)")] = seconds
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -647,8 +670,6 @@ def run_t1_step(args: argparse.Namespace) -> dict:
     def batch(rows: int):
         seq = rng.choice(args.num_items, size=(rows, args.seq_len), p=zipf) + 1
         return {"seq": torch.from_numpy(seq.astype(np.int64))}
-
-    results = {}
 
     def measure(label: str, loss_fn, rows: int, fused: bool = True) -> None:
         stepper = TorchStepper(model.trainable_parameters(), TrainConfig(lr=1e-3), fused=fused)
@@ -666,8 +687,6 @@ def run_t1_step(args: argparse.Namespace) -> dict:
         print(f"{label}: {med:.2f} s per step (median of {args.repeats}); process peak so far {peak:.1f} GiB")
         del stepper
 
-    if args.baseline_ratios and not set(args.baseline_ratios) <= set(args.ratios):
-        raise SystemExit(f"error: --baseline-ratios {args.baseline_ratios}: each must be one of --ratios {args.ratios}")
     for ratio in args.ratios:
         train = TrainConfig(sample_ratio=ratio)
         loss = make_loss(TaskSpec("t1", "sequence"), train, args.num_items, popularity)
@@ -680,6 +699,10 @@ def run_t1_step(args: argparse.Namespace) -> dict:
             measure(f"sampled {ratio:.0%}, batch {args.batch_size}: every draw, foreach Adam (before)",
                     lambda m, b, g: _replacement_softmax_loss(m, b, g, "t1", loss.sampler, loss.num_sampled),
                     args.batch_size, fused=False)
+        before = results.get(f"sampled {ratio:.0%}, batch {args.batch_size}: every draw, foreach Adam (before)")
+        for label, seconds in list(results.items()):
+            if before and label.startswith(f"sampled {ratio:.0%}, batch {args.batch_size}:") and "(now" in label:
+                print(f"  before / {label.split(': ', 1)[1]}: {before / seconds:.2f}x")
         sample = loss.sampler.sample(loss.num_sampled, torch.Generator().manual_seed(0))
         print(f"  {loss.num_sampled} draws hold {torch.unique(sample).numel()} distinct items")
     for rows in [b for b in args.full_batch if b > 0]:
@@ -837,16 +860,19 @@ def _empty_session(args: argparse.Namespace) -> dict:
     return {"imports_s": imported - t, "ray_start_s": started - imported, "session_s": time.time() - started}
 
 
-def _child(argv: list[str], what: str, timeout_s: float) -> float:
-    """Run ``argv`` in a new process (this checkout's package importable); its wall time. A
-    failure raises with the end of its error output."""
+def _child(argv: list[str], what: str, timeout_s: float, env: dict[str, str] | None = None, echo: bool = False) -> float:
+    """Run ``argv`` in a new process (this checkout's package importable; ``env`` added to this
+    process's environment); its wall time. A failure raises with the end of its error output;
+    ``echo``: its standard output is printed once it has ended."""
     import subprocess
 
     path = os.environ.get("PYTHONPATH")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [path, REPO]))}  # the caller's first
+    env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(filter(None, [path, REPO]))}  # the caller's first
     t = time.perf_counter()
     try:
-        subprocess.run(argv, env=env, check=True, capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run(argv, env=env, check=True, capture_output=True, text=True, timeout=timeout_s)
+        if echo:
+            print("".join(f"  {line}" for line in done.stdout.splitlines(keepends=True)), end="", flush=True)
     except subprocess.CalledProcessError as e:
         raise RuntimeError(f"{what} failed (exit {e.returncode}): {e.stderr[-3000:]}") from None
     except subprocess.TimeoutExpired:
@@ -1123,6 +1149,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="the sample ratios the baselines are measured at (default: every one of --ratios)")
     t1.add_argument("--no-intermediate", dest="intermediate", action="store_false",
                     help="skip the step between the baseline and now (distinct draws, foreach Adam)")
+    t1.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
+                    help="skip the step in a process under the trainer workers' allocator (glibc huge pages)")
     t1.add_argument("--repeats", type=int, default=3)
     t1.add_argument("--warmup", type=int, default=1)
     t1.add_argument("--threads", type=int, default=0)

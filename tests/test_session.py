@@ -243,3 +243,49 @@ def test_the_mailbox_answers_waiting_callers_as_soon_as_it_can(ray_cluster):
     assert ray.get(answer) == ({"checkpoint": "c"},) and time.monotonic() - started < 10
     assert ray.get(box.wait_result.remote(seq, 30.0)) == ({"checkpoint": "c"},)  # answered: at once
     ray.kill(box)
+
+
+def test_allocator_env_adds_huge_pages_to_what_the_driver_sets():
+    from conure_dist.train.engine import HUGE_PAGES_TUNABLE, allocator_env
+
+    assert allocator_env({}) == {"GLIBC_TUNABLES": HUGE_PAGES_TUNABLE}
+    assert allocator_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == \
+        {"GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{HUGE_PAGES_TUNABLE}"}
+    off = "glibc.malloc.hugetlb=0:glibc.malloc.arena_max=2"  # the driver's own choice is kept
+    assert allocator_env({"GLIBC_TUNABLES": off}) == {"GLIBC_TUNABLES": off}
+
+
+def test_the_session_workers_environment_gives_their_large_tensors_huge_pages(ray_cluster, monkeypatch):
+    """The trainer's workers get :func:`allocator_env` through Ray's runtime environment, which
+    starts their processes with it (glibc reads it once, at start)."""
+    import ray
+
+    from conure_dist.train.executor import _worker_env
+
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        mode = f.read()
+    if "[never]" in mode:
+        pytest.skip(f"this kernel gives no transparent huge pages ({mode.strip()})")
+
+    def grown_by_a_large_tensor() -> int:
+        import re
+
+        import torch
+
+        def huge() -> int:
+            with open("/proc/self/smaps_rollup") as f:
+                return int(re.search(r"AnonHugePages:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+        before = huge()
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, mapped by malloc and touched
+        grown = huge() - before
+        del x
+        return grown
+
+    probe = ray.remote(grown_by_a_large_tensor)  # defined here: shipped by value
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    env = _worker_env()
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert ray.get(probe.options(runtime_env={"env_vars": env}).remote()) >= 32 * 2**20
+    if "[madvise]" in mode:  # without it, malloc asks for none
+        assert ray.get(probe.remote()) < 32 * 2**20

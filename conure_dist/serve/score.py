@@ -133,6 +133,7 @@ def score(model_dir: str, task: str, input_path: str, output: str, *, k: int = 5
     import ray
 
     from conure_dist.serve.artifact import read_model_dir
+    from conure_dist.train.engine import allocator_env
 
     doc, _ = read_model_dir(model_dir)  # a damaged or unknown model fails here, not in every actor
     served = [t["name"] for t in doc["tasks"]]
@@ -150,6 +151,7 @@ def score(model_dir: str, task: str, input_path: str, output: str, *, k: int = 5
     ds = ds.map_batches(
         Scorer, batch_size=batch_size, batch_format="pyarrow", concurrency=workers,
         num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
+        runtime_env={"env_vars": allocator_env()},  # huge pages for the [users x items] scores
         fn_constructor_kwargs={"model_dir": storage.resolve(model_dir), "task": task, "k": k, "embed": embed, "ids": ids,
                                "device": "cuda" if gpus_per_worker > 0 else "cpu", "dtype": dtype})
     try:

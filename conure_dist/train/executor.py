@@ -22,6 +22,7 @@ import torch
 
 from conure_dist.config import ExperimentConfig, TaskPlan
 from conure_dist.model import OwnerMap, Stage, Weights
+from conure_dist.train.engine import allocator_env
 from conure_dist.train.rundir import RunDir, RunDirError
 from conure_dist.train.worker import ResultDamaged, peak_rss_bytes, read_stage_result, session_worker
 
@@ -318,4 +319,4 @@ class Session:
 def _worker_env() -> dict[str, str]:
     keep = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_DATA_DISABLE_PROGRESS_BARS", "DS_ACCELERATOR",
             "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "PYTHONPATH")
-    return {k: os.environ[k] for k in keep if k in os.environ}
+    return {**{k: os.environ[k] for k in keep if k in os.environ}, **allocator_env()}
