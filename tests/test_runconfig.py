@@ -226,3 +226,18 @@ def test_the_presets_per_task_settings_apply_by_name_and_a_users_typo_is_refused
     assert "clicks (sequence" in capsys.readouterr().out
     assert main_guard(ttl_job.main, ["--data", data, "--set", "tasks.gendr.l2=0.1", "--dry-run"]) == 2
     assert "tasks: overrides for ['gendr']" in capsys.readouterr().err
+
+
+def test_a_config_file_layers_on_the_presets_per_task_settings_and_null_removes_one(dataset, tmp_path):
+    """``tasks`` entries merge key by key with the layers below: a file that leaves a task out, or
+    gives ``tasks: {}``, keeps the preset's overrides; ``null`` removes one."""
+    like = {t.spec.name: t for t in experiment([], dataset).tasks}["like"]
+    later = runconfig.to_run_config(runconfig.load_config("ttl")).later_tasks
+    assert like.train.l2 == 0.05 != later.l2  # the ttl preset's tasks.like.l2
+    for text in ("tasks: {}\n", "tasks: {click: {lr: 0.004}}\n"):
+        (tmp_path / "layer.yaml").write_text(text)
+        assert {t.spec.name: t for t in experiment(["--config", str(tmp_path / "layer.yaml")], dataset).tasks}[
+            "like"].train.l2 == 0.05
+    (tmp_path / "layer.yaml").write_text("tasks: {like: {l2: null}}\n")
+    for argv in (["--config", str(tmp_path / "layer.yaml")], ["--set", "tasks.like.l2=null"]):
+        assert {t.spec.name: t for t in experiment(argv, dataset).tasks}["like"].train.l2 == later.l2
