@@ -545,7 +545,8 @@ def _stage_checkpoint_dir(d) -> None:
     _write_checksums(str(d), rank=0)
 
 
-def test_the_driver_reads_a_stages_result_alone_and_checked_locally_and_from_object_storage(tmp_path, s3_server):
+def test_the_driver_reads_a_stages_result_alone_and_checked_locally_and_from_object_storage(tmp_path, s3_server,
+                                                                                             monkeypatch):
     import pyarrow.fs as pafs
     import torch
 
@@ -562,9 +563,25 @@ def test_the_driver_reads_a_stages_result_alone_and_checked_locally_and_from_obj
         best, outcome = read_stage_result(location)
         assert torch.equal(best["w"], torch.arange(6, dtype=torch.float32))
         assert outcome == {"progress": {"step": 6}, "timing": {"first_step": 1.0}}
-    # Nothing but those files and the checksums is read: the DeepSpeed state may be anything.
-    storage.write_bytes(f"{uri}/stage/mp_rank_00_model_states.pt", b"")
+
+    # Nothing but those files and rank 0's checksums is opened: no rank's DeepSpeed state.
+    opened, real = [], storage.filesystem
+
+    class Recording:
+        def __init__(self, fs):
+            self.fs = fs
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+        def open_input_stream(self, path):
+            opened.append(path.rsplit("/", 1)[-1])
+            return self.fs.open_input_stream(path)
+
+    monkeypatch.setattr(storage, "filesystem", lambda path: (Recording(real(path)[0]), real(path)[1]))
     assert read_stage_result(uri)[1]["progress"] == {"step": 6}
+    assert sorted(opened) == ["best.safetensors", "checksums-rank0.json", "result.json"]
+    monkeypatch.undo()
 
     _flip_last_byte(str(d / BEST_FILE))
     with pytest.raises(ResultDamaged, match=f"{d / BEST_FILE} does not match the checksum recorded when it was written"):
@@ -572,14 +589,23 @@ def test_the_driver_reads_a_stages_result_alone_and_checked_locally_and_from_obj
     storage.write_bytes(f"{uri}/{RESULT_FILE}", b'{"progress": {}}')
     with pytest.raises(ResultDamaged, match=f"{uri}/{RESULT_FILE} does not match the checksum"):
         read_stage_result(uri)
-    (d / "checksums-rank0.json").unlink()
-    with pytest.raises(ResultDamaged, match="checksums-rank0.json: .*not found"):
-        read_stage_result(str(d))
     fs, inner = storage.filesystem(uri)
     fs.delete_file(f"{inner}/{BEST_FILE}")
-    with pytest.raises(ResultDamaged, match=f"{uri}/{BEST_FILE}: .*not found"):
+    with pytest.raises(ResultDamaged, match=f"{uri}/{BEST_FILE}: not found"):
         read_stage_result(uri)
     assert fs.get_file_info(inner).type == pafs.FileType.Directory
+
+    # Rank 0's checksums missing where another rank's are: damaged. None at all: a checkpoint
+    # written before the checksums, read unchecked (the workers resume from one the same way).
+    (d / "checksums-rank0.json").rename(d / "checksums-rank1.json")
+    with pytest.raises(ResultDamaged, match="checksums-rank0.json: not found"):
+        read_stage_result(str(d))
+    (d / "checksums-rank1.json").unlink()
+    best, outcome = read_stage_result(str(d))
+    assert best["w"].shape == (6,) and outcome["progress"] == {"step": 6}
+    (d / RESULT_FILE).unlink()
+    with pytest.raises(ResultDamaged, match=f"{d / RESULT_FILE}: not found"):
+        read_stage_result(str(d))
 
 
 def test_a_resumed_rank_downloads_its_checkpoint_from_object_storage_once(tmp_path, s3_server, monkeypatch):
@@ -606,7 +632,7 @@ def test_a_resumed_rank_downloads_its_checkpoint_from_object_storage_once(tmp_pa
     @contextlib.contextmanager
     def counted(self):
         with real(self) as local:
-            downloads.append(self.path.rsplit("/", 1)[-1])
+            downloads.append((self.path.rsplit("/", 1)[-1], local))
             yield local
 
     monkeypatch.setattr(Checkpoint, "as_directory", counted)
@@ -615,7 +641,7 @@ def test_a_resumed_rank_downloads_its_checkpoint_from_object_storage_once(tmp_pa
     cpu = torch.device("cpu")
     with contextlib.ExitStack() as held:
         checkpoint, d, damaged = _intact_checkpoint(latest, 0, cpu, held)
-        assert checkpoint is latest and damaged == [] and downloads == ["step-000000006-e0-a1-click-train"]
+        assert checkpoint is latest and damaged == [] and downloads == [("step-000000006-e0-a1-click-train", d)]
         assert json.loads(open(os.path.join(d, PROGRESS_FILE)).read())["step"] == 6  # still there to load from
     assert not os.path.exists(d)  # released when the caller is done with it
 
@@ -625,7 +651,9 @@ def test_a_resumed_rank_downloads_its_checkpoint_from_object_storage_once(tmp_pa
         checkpoint, d, damaged = _intact_checkpoint(latest, 0, cpu, held)
         assert checkpoint.path.endswith("step-000000004-e0-a1-click-train") and os.path.isdir(d)
         assert [path.rsplit("/", 1)[-1] for path, _ in damaged] == ["step-000000006-e0-a1-click-train"]
-        assert downloads == ["step-000000006-e0-a1-click-train", "step-000000004-e0-a1-click-train"]
+        assert [name for name, _ in downloads] == ["step-000000006-e0-a1-click-train", "step-000000004-e0-a1-click-train"]
+        assert not os.path.exists(downloads[0][1])  # the damaged one's download is gone already
+    assert not os.path.exists(d)
 
 
 def test_the_checker_finds_a_status_report_that_does_not_match_the_ledger(finished, tmp_path):

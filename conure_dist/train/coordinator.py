@@ -356,8 +356,9 @@ def _run_plan(run: Run, clock, executor, dataset, in_process: bool) -> Run:
         if machine.fits(planned):
             train = exp.task(planned.task).train
             epochs = train.epochs if planned.step is Step.TRAIN else train.retrain_epochs
-            _log(f"{planned.key}  started: {epochs} epochs, batch {train.batch_size} "
-                 + ("in process" if in_process else f"on {exp.cluster.num_workers} workers"))
+            workers = exp.cluster.num_workers
+            _log(f"{planned.key}  started: {epochs} epoch{'s' * (epochs != 1)}, batch {train.batch_size} "
+                 + ("in process" if in_process else f"on {workers} worker{'s' * (workers != 1)}"))
         elif planned.step is Step.RETRAIN:
             _log(f"{planned.key}  skipped: 0 retrain epochs, the pruned weights stand")
         if in_process or not machine.fits(planned):  # the Ray executor records the stages it fits

@@ -128,13 +128,19 @@ class Manifest:
 
     def stage_trained(self, key: str, progress: dict, **info: Any) -> None:
         """Record a trained stage (``info``: its timings, memory, and with Ray its final
-        ``checkpoint``). Ray Train keeps a session's latest two checkpoints: an earlier stage's
-        record stops naming its checkpoint once that is found deleted."""
+        ``checkpoint``). Ray Train keeps a session's latest two checkpoints, deleting older ones
+        as new ones come: an earlier stage's record stops naming its checkpoint when a later
+        stage is recorded and finds it gone (one still being deleted then goes at the next)."""
         s = self._stage(key)
         s.update(progress={k: v for k, v in progress.items() if k != "history"}, history=progress.get("history", []), **info)
         for other, record in self.data["stages"].items():
-            if other != key and "checkpoint" in record and not storage.exists(record["checkpoint"]):
-                del record["checkpoint"]
+            if other != key and "checkpoint" in record:
+                try:
+                    gone = not storage.exists(record["checkpoint"])
+                except OSError:  # storage unreachable for a moment: the record is kept as it is
+                    gone = False
+                if gone:
+                    del record["checkpoint"]
         self.save()
 
     def step_done(self, key: str, **info: Any) -> None:

@@ -40,7 +40,7 @@ from conure_dist.model import ConureModel, OwnerMap, Stage
 from conure_dist.train.engine import DeepSpeedStepper, EngineSettings, emulated_bf16_warning
 from conure_dist.train.loop import StageProgress, run_stage
 from conure_dist.train.losses import make_loss
-from conure_dist.train.rundir import RunDir, digest
+from conure_dist.train.rundir import RunDir
 
 PROGRESS_FILE, BEST_FILE, RESULT_FILE = "progress.json", "best.safetensors", "result.json"
 
@@ -469,38 +469,58 @@ class ResultDamaged(RuntimeError):
 
 def read_stage_result(location: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The best weights and the result (progress, timings) of the stage whose final checkpoint
-    is at ``location`` (a local path or a URI), checked against the digests rank 0 recorded.
-    Only those files are read, not every rank's DeepSpeed state beside them (~6 GB at TTL size,
-    all of it downloaded to read them before)."""
-    from safetensors.torch import load, load_file
+    is at ``location`` (a local path or a URI), checked against the digests rank 0 recorded
+    (a checkpoint written before the checksums, which has none, is read unchecked, as the
+    workers resume from one). Only those files are read, not every rank's DeepSpeed state
+    beside them (~6 GB at TTL size, all of it downloaded to read them before)."""
+    import pyarrow.fs as pafs
+    from safetensors.torch import load_file
 
     sums_file = storage.join(location, CHECKSUMS_FILE.format(rank=0))
     try:
         sums = json.loads(storage.read_bytes(sums_file))
     except FileNotFoundError:
-        raise ResultDamaged(f"{sums_file}: not found") from None
+        fs, inner = storage.filesystem(location)
+        names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))]
+        if any(n.startswith("checksums-rank") for n in names):
+            raise ResultDamaged(f"{sums_file}: not found") from None
+        sums = None
     except ValueError as e:
         raise ResultDamaged(f"{sums_file}: not valid JSON ({e})") from None
     out: dict[str, Any] = {}
-    for name in (BEST_FILE, RESULT_FILE):
-        path = storage.join(location, name)
-        if name not in sums:
-            raise ResultDamaged(f"{path}: rank 0 recorded no checksum for it")
-        try:
-            if storage.is_uri(location):
-                data = storage.read_bytes(path)
-                found = digest(data)
-            else:  # a local file is checked as it is read, then loaded in place
-                data, found = None, _file_digest(path)
-        except FileNotFoundError:
-            raise ResultDamaged(f"{path}: not found") from None
-        if found != sums[name]:
-            raise ResultDamaged(f"{path} does not match the checksum recorded when it was written")
-        if name == BEST_FILE:
-            out[name] = load(data) if data is not None else load_file(path)
-        else:
-            out[name] = json.loads(data if data is not None else open(path, "rb").read())
+    with tempfile.TemporaryDirectory(prefix="conure-result-") as tmp:
+        for name in (BEST_FILE, RESULT_FILE):
+            path = storage.join(location, name)
+            if sums is not None and name not in sums:
+                raise ResultDamaged(f"{path}: rank 0 recorded no checksum for it")
+            local, found = _fetch(path, tmp)
+            if sums is not None and found != sums[name]:
+                raise ResultDamaged(f"{path} does not match the checksum recorded when it was written")
+            out[name] = load_file(local) if name == BEST_FILE else json.loads(open(local, "rb").read())
     return out[BEST_FILE], out[RESULT_FILE]
+
+
+def _fetch(path: str, tmp: str) -> tuple[str, str]:
+    """A local file with the bytes of ``path`` (itself when local, a download into ``tmp`` when a
+    URI) and their digest; ResultDamaged naming ``path`` if it cannot be read."""
+    import hashlib
+
+    import pyarrow.fs as pafs
+
+    fs, inner = storage.filesystem(path)
+    try:
+        if fs.get_file_info(inner).type != pafs.FileType.File:
+            raise ResultDamaged(f"{path}: not found")
+        if not storage.is_uri(path):
+            return inner, _file_digest(inner)  # then loaded from the same file (in the page cache)
+        local, h = os.path.join(tmp, os.path.basename(inner)), hashlib.sha256()
+        with fs.open_input_stream(inner) as source, open(local, "wb") as copy:
+            while chunk := source.read(8 << 20):
+                h.update(chunk)
+                copy.write(chunk)
+        return local, "sha256:" + h.hexdigest()
+    except OSError as e:
+        raise ResultDamaged(f"{path}: {e}") from None
 
 
 def _checkpoint_step(name: str) -> int | None:
