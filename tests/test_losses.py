@@ -201,3 +201,53 @@ def test_score_shared_adds_the_shift_in_fp32_in_every_precision(mode):
     assert got.dtype == torch.float32 and got.shape == (6, 4)
     torch.testing.assert_close(got, want.detach(), rtol=0, atol=1e-5 if mode == "fp32" else 0.15)
     torch.testing.assert_close(unshifted.float() + shift, got, rtol=0, atol=1e-5)
+
+
+def test_the_fused_log_sum_exp_equals_autograds_and_survives_a_row_of_hits_only():
+    """:class:`SharedLogSumExp` (fp32, one buffer) against the same function written with
+    autograd's addmm, index_put_ and logsumexp: values and every gradient."""
+    from conure_dist.train.losses import SharedLogSumExp
+
+    torch.manual_seed(0)
+    h, w, b = torch.randn(5, 8, requires_grad=True), torch.randn(7, 8, requires_grad=True), torch.randn(7, requires_grad=True)
+    rows, cols = torch.tensor([0, 0, 2] + [4] * 7), torch.tensor([1, 5, 3, 0, 1, 2, 3, 4, 5, 6])  # row 4: every column
+    upstream = torch.randn(5)
+
+    fused = SharedLogSumExp.apply(h, w, b, rows, cols)
+    logits = torch.addmm(b, h, w.t())
+    logits = logits.index_put((rows, cols), torch.tensor(float("-inf")))
+    want = torch.logsumexp(logits, dim=1)
+    torch.testing.assert_close(fused[:4], want[:4], rtol=1e-6, atol=1e-6)
+    assert fused[4].item() == float("-inf") == want[4].item()
+    got = torch.autograd.grad((fused[:4] * upstream[:4]).sum(), (h, w, b))
+    expected = torch.autograd.grad((want[:4] * upstream[:4]).sum(), (h, w, b))
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+    # A row of hits only (lse -inf) gives no NaN: its loss term is 0 and so is its gradient.
+    again = SharedLogSumExp.apply(h, w, b, rows, cols)
+    true = torch.zeros(5)
+    loss = (torch.logaddexp(true, again) - true).sum()
+    assert torch.isfinite(loss)
+    grads = torch.autograd.grad(loss, (h, w, b), retain_graph=True)
+    assert all(torch.isfinite(g).all() for g in grads) and grads[0][4].abs().sum() == 0
+    with pytest.raises(RuntimeError, match="backward through the same graph twice"):
+        torch.autograd.grad(loss, (h, w, b))
+
+
+@pytest.mark.parametrize("mode", ["autocast", "bf16 module"])
+def test_the_sampled_loss_keeps_autograds_log_sum_exp_in_lower_precision(mode, monkeypatch):
+    from conure_dist.train import losses
+
+    def refuse(*args):
+        raise AssertionError("SharedLogSumExp is fp32 only")
+
+    monkeypatch.setattr(losses.SharedLogSumExp, "apply", refuse)
+    torch.manual_seed(0)
+    scorer, h = ItemScorer(8, 50), torch.randn(6, 8)
+    if mode == "bf16 module":
+        scorer, h = scorer.to(torch.bfloat16), h.to(torch.bfloat16)
+    targets, sampled = torch.tensor([3, 7, 1, 40, 2, 9]), torch.tensor([1, 5, 7, 11])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+        loss = losses.sampled_softmax_loss(h, targets, scorer, sampled, torch.zeros(4), torch.zeros(6))
+    assert torch.isfinite(loss)

@@ -26,20 +26,31 @@ class ItemScorer(nn.Module):
 
     def score(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``h`` [N, d], ``labels`` [N] or [N, k] -> scores of the same shape as ``labels``."""
-        w, b = self.weight[labels], self.bias[labels]
-        if labels.dim() == 1:
+        return self.score_rows(h, self.weight[labels], self.bias[labels])
+
+    @staticmethod
+    def score_rows(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """:meth:`score` with the labels' rows already taken: ``w`` [N, d] or [N, k, d], ``b``
+        [N] or [N, k]."""
+        if w.dim() == 2:
             return (h * w).sum(-1) + b
         return torch.einsum("nd,nkd->nk", h, w) + b
 
     def score_shared(self, h: torch.Tensor, labels: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
         """Scores of every row of ``h`` [N, d] against the same labels [S] -> [N, S] (one GEMM
-        with the bias), in fp32, plus ``shift`` [S] if given. In fp32 the shift joins the bias
-        of the GEMM (no extra pass over [N, S]); in lower precision it is added in fp32 after."""
+        with the bias), in fp32, plus ``shift`` [S] if given."""
+        return self.score_rows_shared(h, self.weight[labels], self.bias[labels], shift)
+
+    @staticmethod
+    def score_rows_shared(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`score_shared` with the labels' rows already taken (``w`` [S, d], ``b`` [S]). In
+        fp32 the shift joins the bias of the GEMM (no extra pass over [N, S]); in lower precision
+        it is added in fp32 after."""
         low = h.dtype != torch.float32 or torch.is_autocast_enabled(h.device.type)
         if shift is None or low:
-            scores = F.linear(h, self.weight[labels], self.bias[labels]).float()
+            scores = F.linear(h, w, b).float()
             return scores if shift is None else scores + shift[None, :]
-        return F.linear(h, self.weight[labels], self.bias[labels] + shift)
+        return F.linear(h, w, b + shift)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Scores over the whole label space: [N, d] -> [N, num_labels] (one fused GEMM with the

@@ -47,14 +47,61 @@ def sampled_softmax_loss(
     Logits are corrected by ``-log Q`` (expected count of each id in the sample) and a
     sampled id equal to the row's own target is removed (an accidental hit). The loss is
     ``logsumexp([true, sampled]) - true``, without concatenating the logits. The hits are
-    found by searching the targets among the sorted sample and set to ``-inf`` in place: no
-    ``[rows, samples]`` comparison mask, one pass less over the largest tensor of the step.
+    found by searching the targets among the sorted sample, no ``[rows, samples]`` comparison
+    mask. In fp32 the sampled logits' log-sum-exp is :class:`SharedLogSumExp` (one buffer,
+    no extra passes over it); in lower precision, the logits in fp32 with the hits set to
+    ``-inf`` in place, then ``torch.logsumexp``.
     """
-    true_logit = scorer.score(h, targets).float() - log_q_targets
-    logits = scorer.score_shared(h, sampled, shift=-log_q_sampled)
+    # The targets' and the sample's rows in one gather: one dense gradient of the whole item
+    # table in backward (646K x 256 at TTL size, a zero fill and a scatter), not two and a sum.
+    n = targets.numel()
+    ids = torch.cat([targets, sampled])
+    weight, bias = scorer.weight[ids], scorer.bias[ids]
+    true_logit = scorer.score_rows(h, weight[:n], bias[:n]).float() - log_q_targets
     rows, cols = accidental_hits(sampled, targets)
-    logits[rows, cols] = float("-inf")
-    return (torch.logaddexp(true_logit, torch.logsumexp(logits, dim=1)) - true_logit).mean()
+    if h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
+        lse = SharedLogSumExp.apply(h, weight[n:], bias[n:] - log_q_sampled, rows, cols)
+    else:
+        logits = scorer.score_rows_shared(h, weight[n:], bias[n:], shift=-log_q_sampled)
+        logits[rows, cols] = float("-inf")
+        lse = torch.logsumexp(logits, dim=1)
+    return (torch.logaddexp(true_logit, lse) - true_logit).mean()
+
+
+class SharedLogSumExp(torch.autograd.Function):
+    """``logsumexp`` of each row of ``h @ w.T + b`` [N, S] with the entries ``(rows[i], cols[i])``
+    left out, in fp32, over one [N, S] buffer: it holds the logits, then (in place) the softmax
+    that backward needs, then (in place) the logits' gradient. Autograd's ``addmm``,
+    ``index_put_`` and ``logsumexp`` allocate and pass over that size four more times (the
+    hits' gradient is a copy; the shift by the row maximum, the exponential and the product
+    with the incoming gradient each a new buffer), the largest tensors of a T1 step at 646K items
+    (``[3,168 x 44,364]``, 0.56 GB in fp32). Backward can be taken once (its buffer is used up)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, rows: torch.Tensor,
+                cols: torch.Tensor) -> torch.Tensor:
+        p = torch.addmm(b, h, w.t())
+        p[rows, cols] = float("-inf")
+        # A row of hits only is all -inf: a finite maximum keeps it at exp(-inf) = 0, lse -inf.
+        m = p.amax(dim=1, keepdim=True).clamp_min(torch.finfo(p.dtype).min)
+        p.sub_(m).exp_()
+        s = p.sum(dim=1, keepdim=True)
+        p.div_(s.clamp_min(torch.finfo(p.dtype).tiny))
+        ctx.save_for_backward(h, w, p)
+        ctx.used = False
+        return (m + s.log()).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if ctx.used:
+            raise RuntimeError("SharedLogSumExp: backward through the same graph twice (its buffer is used up)")
+        ctx.used = True
+        h, w, p = ctx.saved_tensors
+        g = p.mul_(grad[:, None])  # d lse / d logits = softmax (0 at the hits)
+        grad_h = g @ w if ctx.needs_input_grad[0] else None
+        grad_w = g.t() @ h if ctx.needs_input_grad[1] else None
+        grad_b = g.sum(dim=0) if ctx.needs_input_grad[2] else None
+        return grad_h, grad_w, grad_b, None, None
 
 
 def accidental_hits(sampled: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
