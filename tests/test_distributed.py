@@ -172,7 +172,7 @@ def test_killed_driver_resumes_without_repeating_completed_stages_then_a_task_is
 
     for key, stage in manifest["stages"].items():
         assert kept(extended["stages"][key]) == kept(stage), key  # untouched
-    assert all(os.path.isdir(s["checkpoint"]) for s in extended["stages"].values() if "checkpoint" in s)
+        assert extended["stages"][key].get("checkpoint") in (None, stage.get("checkpoint")), key
     assert extended["stages"]["age/train"]["attempts"] == 1
     rows = [r for r in extended["accuracy"] if r["after_task"] == "age"]
     assert {r["task"] for r in rows} == {"pretrain", "click", "age"}

@@ -21,8 +21,8 @@ def test_sampled_softmax_with_whole_vocabulary_equals_full_softmax():
     full = full_softmax_loss(h, targets, scorer)
     assert sampled.item() == pytest.approx(full.item(), rel=1e-6)
     # And the gradients (the hits set to -inf in place must not leak into them).
-    for got, want in zip(torch.autograd.grad(sampled, (h, scorer.weight), retain_graph=True),
-                         torch.autograd.grad(full, (h, scorer.weight), retain_graph=True)):
+    for got, want in zip(torch.autograd.grad(sampled, (h, scorer.weight, scorer.bias), retain_graph=True),
+                         torch.autograd.grad(full, (h, scorer.weight, scorer.bias), retain_graph=True)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # A constant log-Q (uniform sampling of the whole vocabulary) cancels out too.
     const = torch.full((20,), math.log(3.0))
@@ -235,19 +235,25 @@ def test_the_fused_log_sum_exp_equals_autograds_and_survives_a_row_of_hits_only(
         torch.autograd.grad(loss, (h, w, b))
 
 
-@pytest.mark.parametrize("mode", ["autocast", "bf16 module"])
-def test_the_sampled_loss_keeps_autograds_log_sum_exp_in_lower_precision(mode, monkeypatch):
+@pytest.mark.parametrize("mode", ["fp32", "autocast", "bf16 module"])
+def test_the_sampled_loss_fuses_its_log_sum_exp_in_fp32_only(mode, monkeypatch):
+    """fp32 takes :class:`SharedLogSumExp`; autocast and bf16 modules keep autograd's
+    log-sum-exp, and give the fp32 loss within bf16's precision."""
     from conure_dist.train import losses
 
-    def refuse(*args):
-        raise AssertionError("SharedLogSumExp is fp32 only")
-
-    monkeypatch.setattr(losses.SharedLogSumExp, "apply", refuse)
+    calls = []
+    fused = losses.SharedLogSumExp.apply
+    monkeypatch.setattr(losses.SharedLogSumExp, "apply", lambda *a: calls.append(1) or fused(*a))
     torch.manual_seed(0)
     scorer, h = ItemScorer(8, 50), torch.randn(6, 8)
+    targets, sampled = torch.tensor([3, 7, 1, 40, 2, 9]), torch.tensor([1, 5, 7, 11])
+    log_q, log_q_targets = torch.randn(4), torch.randn(6)
+    reference = losses.sampled_softmax_loss(h, targets, scorer, sampled, log_q, log_q_targets)
+    assert calls == [1]
+    calls.clear()
     if mode == "bf16 module":
         scorer, h = scorer.to(torch.bfloat16), h.to(torch.bfloat16)
-    targets, sampled = torch.tensor([3, 7, 1, 40, 2, 9]), torch.tensor([1, 5, 7, 11])
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
-        loss = losses.sampled_softmax_loss(h, targets, scorer, sampled, torch.zeros(4), torch.zeros(6))
-    assert torch.isfinite(loss)
+        loss = losses.sampled_softmax_loss(h, targets, scorer, sampled, log_q, log_q_targets)
+    assert calls == ([1] if mode == "fp32" else [])
+    assert loss.item() == pytest.approx(reference.item(), rel=0 if mode == "fp32" else 0.05)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from conure_dist.config import L2_SCOPES, TaskSpec, TrainConfig
 from conure_dist.model import ConureModel
@@ -80,7 +81,7 @@ class SharedLogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, rows: torch.Tensor,
                 cols: torch.Tensor) -> torch.Tensor:
-        p = torch.addmm(b, h, w.t())
+        p = torch.addmm(b, h, w.t())  # S >= 1 here: a sample is never empty (SequenceLoss draws >= 1)
         p[rows, cols] = float("-inf")
         # A row of hits only is all -inf: a finite maximum keeps it at exp(-inf) = 0, lse -inf.
         m = p.amax(dim=1, keepdim=True).clamp_min(torch.finfo(p.dtype).min)
@@ -92,6 +93,7 @@ class SharedLogSumExp(torch.autograd.Function):
         return (m + s.log()).squeeze(1)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         if ctx.used:
             raise RuntimeError("SharedLogSumExp: backward through the same graph twice (its buffer is used up)")
