@@ -631,10 +631,9 @@ def run_t1_step(args: argparse.Namespace) -> dict:
 
     from conure_dist.config import ModelConfig, TaskSpec, TrainConfig
     from conure_dist.model import ConureModel, Stage
+    from conure_dist.train.engine import allocator_env
     from conure_dist.train.loop import TorchStepper
     from conure_dist.train.losses import make_loss
-
-    from conure_dist.train.engine import allocator_env
 
     if args.baseline_ratios and not set(args.baseline_ratios) <= set(args.ratios):
         raise SystemExit(f"error: --baseline-ratios {args.baseline_ratios}: each must be one of --ratios {args.ratios}")

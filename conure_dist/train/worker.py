@@ -406,13 +406,27 @@ CHECKSUMS_FILE = "checksums-rank{rank}.json"  # each rank's files in a checkpoin
 
 
 def _file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return _stream_digest(f)
+
+
+def _stream_digest(source, copy=None) -> str:
+    """Digest of what ``source`` (a binary stream) holds, read in 8 MiB pieces, each also
+    written to ``copy`` if given."""
     import hashlib
 
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            h.update(chunk)
+    while chunk := source.read(8 << 20):
+        h.update(chunk)
+        if copy is not None:
+            copy.write(chunk)
     return "sha256:" + h.hexdigest()
+
+
+def _has_checksums(names) -> bool:
+    """Whether a checkpoint directory holding ``names`` has any rank's checksums (one written
+    before the checksums has none)."""
+    return any(n.startswith("checksums-rank") for n in names)
 
 
 def _write_checksums(d: str, rank: int) -> None:
@@ -437,7 +451,7 @@ def _checkpoint_damage(d: str, rank: int, device: torch.device) -> str:
     except (OSError, ValueError, TypeError, AttributeError) as e:
         problem = f"{PROGRESS_FILE}: {e}"
     own = os.path.join(d, CHECKSUMS_FILE.format(rank=rank))
-    with_checksums = any(n.startswith("checksums-rank") for n in os.listdir(d))
+    with_checksums = _has_checksums(os.listdir(d))
     # Every rank that wrote the checkpoint left its checksums (a rank beyond those, when there
     # are more workers now, has no files of its own there); a checkpoint from before the
     # checksums has none at all.
@@ -482,7 +496,7 @@ def read_stage_result(location: str) -> tuple[dict[str, torch.Tensor], dict[str,
     except FileNotFoundError:
         fs, inner = storage.filesystem(location)
         names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))]
-        if any(n.startswith("checksums-rank") for n in names):
+        if _has_checksums(names):
             raise ResultDamaged(f"{sums_file}: not found") from None
         sums = None
     except ValueError as e:
@@ -503,8 +517,6 @@ def read_stage_result(location: str) -> tuple[dict[str, torch.Tensor], dict[str,
 def _fetch(path: str, tmp: str) -> tuple[str, str]:
     """A local file with the bytes of ``path`` (itself when local, a download into ``tmp`` when a
     URI) and their digest; ResultDamaged naming ``path`` if it cannot be read."""
-    import hashlib
-
     import pyarrow.fs as pafs
 
     fs, inner = storage.filesystem(path)
@@ -513,12 +525,9 @@ def _fetch(path: str, tmp: str) -> tuple[str, str]:
             raise ResultDamaged(f"{path}: not found")
         if not storage.is_uri(path):
             return inner, _file_digest(inner)  # then loaded from the same file (in the page cache)
-        local, h = os.path.join(tmp, os.path.basename(inner)), hashlib.sha256()
+        local = os.path.join(tmp, os.path.basename(inner))
         with fs.open_input_stream(inner) as source, open(local, "wb") as copy:
-            while chunk := source.read(8 << 20):
-                h.update(chunk)
-                copy.write(chunk)
-        return local, "sha256:" + h.hexdigest()
+            return local, _stream_digest(source, copy)
     except OSError as e:
         raise ResultDamaged(f"{path}: {e}") from None
 
